@@ -1,0 +1,8 @@
+"""moma-hf: MoMA knowledge distillation (momentum contrastive learning with multi-head attention) for
+histopathology models, on transformers, datasets and accelerate."""
+
+from .configuration_moma import MoMAConfig
+from .modeling_moma import MoMAForDistillation, MoMAOutput
+
+__all__ = ["MoMAConfig", "MoMAForDistillation", "MoMAOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""Pooled features (and logits) from any transformers vision model, timm-wrapped models included.
+
+MoMA needs, from one forward pass, the pooled feature `h` of a network and, for a classifier, its logits `z`.
+A classifier's feature is whatever its classification head receives, captured with a forward pre-hook on the
+head, so the model's own pooling and norms are used unchanged. A headless backbone gives its pooled output.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Backbones whose `pooler_output` is a trained-or-not dense+tanh layer rather than a pooling: their feature is
+# the normalised CLS token (as Phikon and other ViT pathology models document).
+CLS_TOKEN_MODEL_TYPES = frozenset({"vit", "deit", "vit_msn", "vit_mae", "beit", "data2vec-vision"})
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The classification head of an image classifier as `(qualified name, module)`, or None for a backbone.
+
+    transformers image classifiers (ViT, DINOv2, ResNet, ConvNeXt, Swin, EfficientNet, ...) call it
+    `classifier`; a `TimmWrapperForImageClassification` keeps it inside the timm model.
+    """
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None:
+        if getattr(timm_model, "num_classes", 0) == 0:
+            return None
+        head = timm_model.get_classifier()
+        name = next(n for n, m in model.named_modules() if m is head)
+        return name, head
+    head = getattr(model, "classifier", None)
+    return ("classifier", head) if isinstance(head, nn.Module) else None
+
+
+def backbone_tensors(model: nn.Module, buffers: bool = False) -> list[torch.Tensor]:
+    """Parameters (or floating-point buffers) of `model` outside its classification head, in module order.
+
+    These are the tensors that the momentum teacher tracks as an EMA of the student.
+    """
+    head = classifier_head(model)
+    prefix = head[0] + "." if head else None
+    named = model.named_buffers() if buffers else model.named_parameters()
+    return [
+        t
+        for n, t in named
+        if (prefix is None or not n.startswith(prefix)) and (not buffers or t.is_floating_point())
+    ]
+
+
+@contextmanager
+def _capture_head_input(head: nn.Module, store: dict):
+    def hook(_module, args):
+        store["features"] = args[0]
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass of `model` giving its pooled feature and, for a classifier, its logits.
+
+    Args:
+        model: a transformers image classifier or backbone (TimmWrapper models included).
+        pixel_values: `(B, 3, H, W)` normalised images.
+
+    Returns:
+        `(features (B, d), logits (B, C) or None)`.
+    """
+    head = classifier_head(model)
+    if head is not None:
+        store: dict = {}
+        with _capture_head_input(head[1], store):
+            logits = model(pixel_values=pixel_values).logits
+        return store["features"].flatten(1), logits
+    outputs = model(pixel_values=pixel_values)
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None or getattr(model.config, "model_type", None) in CLS_TOKEN_MODEL_TYPES:
+        hidden = outputs.last_hidden_state
+        pooled = hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+    return pooled.flatten(1), None
+
+
+def input_size(model: nn.Module, default: int = 224) -> int:
+    """The square input resolution a model was configured or pre-trained for (pixels)."""
+    config = model.config
+    timm_cfg = getattr(config, "pretrained_cfg", None) or {}
+    if timm_cfg.get("input_size"):
+        return int(timm_cfg["input_size"][-1])
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[-1]
+    return int(size) if size else default
+
+
+@torch.no_grad()
+def feature_dim(model: nn.Module) -> int:
+    """The size `d` of `pooled_features(model, x)[0]`, found with one small forward pass."""
+    head = classifier_head(model)
+    if head is not None:
+        linear = head[1] if isinstance(head[1], nn.Linear) else next(
+            (m for m in head[1].modules() if isinstance(m, nn.Linear)), None
+        )
+        if linear is not None:
+            return linear.in_features
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    size = input_size(model)
+    probe = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+    dim = pooled_features(model, probe)[0].shape[-1]
+    model.train(was_training)
+    return dim

@@ -1,0 +1,200 @@
+"""MoMAForDistillation: a student, a key pathway, heads, batch attention and a key queue in one module.
+
+Everything trainable sits in this one module so that Accelerate/DDP all-reduces the gradients of the student,
+`g_S` and `A_q` together (the reference code leaves the heads outside DDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbones import backbone_tensors, feature_dim, pooled_features
+from .configuration_moma import MoMAConfig
+from .heads import BatchAttention, FixedProjection, ProjectionHead
+from .key_queue import KeyQueue
+from .losses import info_nce, kd_loss
+
+
+@dataclass
+class MoMAOutput(ModelOutput):
+    """Output of `MoMAForDistillation.forward`.
+
+    Attributes:
+        loss: the weighted total, `()`.
+        logits: the student's logits, `(B, C)`.
+        loss_ce, loss_kd, loss_moma: the unweighted terms, `()` each (0 when a term is off).
+        keys: `(B, D)` keys of this batch, detached; the trainer gathers them across processes and enqueues them
+            after the optimiser step. None in eval mode.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss_ce: torch.Tensor | None = None
+    loss_kd: torch.Tensor | None = None
+    loss_moma: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+
+class MoMAForDistillation(PreTrainedModel):
+    """MoMA distillation of a teacher into a student image classifier.
+
+    Args:
+        config: the MoMA hyper-parameters, with the student's and teacher's own configs.
+        student: a built (often pre-trained) image classifier; built from `config.student_config` when None.
+        teacher: a built teacher (backbone or classifier); built from `config.teacher_config` when None.
+
+    The query pathway is the student, `g_S` (`query_head`) and `A_q` (`query_attention`); the key pathway is the
+    teacher, `g_T` (`key_head`) and `A_k` (`key_attention`). `A_k` is always the EMA of `A_q`; in "momentum"
+    mode the teacher backbone and `g_T` are EMAs of the student backbone and `g_S` as well, while in "frozen" mode
+    they never change (`g_T` is then a `FixedProjection` fitted to the first global batch).
+    """
+
+    config_class = MoMAConfig
+    base_model_prefix = "moma"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+
+    def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
+        super().__init__(config)
+        self.student = student if student is not None else _build(config.build_student_config(), True)
+        self.teacher = teacher if teacher is not None else _build(
+            config.build_teacher_config(), config.teacher_id2label is not None
+        )
+        self.teacher.requires_grad_(False)
+        self.teacher_update = resolve_teacher_update(config.teacher_update, self.student, self.teacher)
+        dim = config.projection_dim
+        self.query_head = ProjectionHead(feature_dim(self.student), dim)
+        if self.teacher_update == "momentum":
+            self.key_head = ProjectionHead(feature_dim(self.teacher), dim)
+            self.key_head.load_state_dict(self.query_head.state_dict())
+        else:
+            self.key_head = FixedProjection(feature_dim(self.teacher), dim)
+        attention = (lambda: BatchAttention(dim, config.num_attention_heads)) if config.use_attention else nn.Identity
+        self.query_attention, self.key_attention = attention(), attention()
+        self.key_attention.load_state_dict(self.query_attention.state_dict())
+        self.key_head.requires_grad_(False)
+        self.key_attention.requires_grad_(False)
+        self.key_queue = KeyQueue(config.queue_size, dim)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.
+        pass
+
+    def train(self, mode: bool = True) -> "MoMAForDistillation":
+        """Train mode for the query side; the teacher always runs in eval mode (fixed BN statistics, no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        teacher_pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MoMAOutput:
+        """Compute the student's logits and, in training, every MoMA loss term.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` images normalised for the student.
+            labels: `(B,)` class indices of the student's label space.
+            teacher_pixel_values: `(B, 3, H, W)` the same crops normalised for the teacher; defaults to
+                `pixel_values` when both share a normalisation.
+        """
+        features, logits = pooled_features(self.student, pixel_values)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else zero
+        if not self.training:
+            # Only loss and logits, so the Trainer's prediction step hands compute_metrics the bare logits.
+            return MoMAOutput(loss=self.config.w_ce * loss_ce, logits=logits)
+        query = self.query_attention(self.query_head(features))
+        keys, teacher_logits = self._keys(pixel_values if teacher_pixel_values is None else teacher_pixel_values)
+        loss_moma = info_nce(query, keys, self.key_queue.queue, self.config.contrastive_temperature,
+                             self.key_queue.valid_mask())
+        loss_kd = zero
+        if self.config.w_kd > 0:
+            loss_kd = kd_loss(logits, teacher_logits, self.config.kd_temperature)
+        loss = self.config.w_ce * loss_ce + self.config.w_kd * loss_kd + self.config.w_moma * loss_moma
+        return MoMAOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_kd=loss_kd, loss_moma=loss_moma,
+                          keys=keys.detach())
+
+    @torch.no_grad()
+    def _keys(self, teacher_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher)."""
+        features, teacher_logits = pooled_features(self.teacher, teacher_pixel_values)
+        if isinstance(self.key_head, FixedProjection) and not self.key_head.fitted:
+            self.key_head.fit(_gather_across_processes(features), seed=self.config.queue_size)
+        keys = self.key_attention(self.key_head(features).to(features.dtype))
+        return F.normalize(keys.float(), dim=-1), teacher_logits
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The key-side tensors and the query-side tensors they track, in matching order.
+
+        `A_k` tracks `A_q` always; in momentum mode the teacher backbone (parameters and floating-point buffers
+        such as BN statistics) tracks the student backbone, and `g_T` tracks `g_S`.
+        """
+        key_modules, query_modules = [self.key_attention], [self.query_attention]
+        keys, queries = [], []
+        if self.teacher_update == "momentum":
+            key_modules.append(self.key_head)
+            query_modules.append(self.query_head)
+            for buffers in (False, True):
+                keys += backbone_tensors(self.teacher, buffers)
+                queries += backbone_tensors(self.student, buffers)
+        keys += [t for m in key_modules for t in m.parameters()]
+        queries += [t for m in query_modules for t in m.parameters()]
+        return keys, queries
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """`theta_key <- m * theta_key + (1 - m) * theta_query` for every key-side tensor, in one fused call."""
+        keys, queries = self.ema_pairs()
+        if keys:
+            torch._foreach_lerp_([k.data for k in keys], [q.data for q in queries], 1.0 - self.config.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Add `(N, D)` keys, already gathered from every process in rank order, to the queue."""
+        self.key_queue.enqueue(keys)
+
+
+def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) -> str:
+    """Resolve "auto" to "momentum" when the backbones have identical parameter shapes, else "frozen".
+
+    Raises a ValueError when "momentum" is asked for two backbones that cannot track each other.
+    """
+    same = [tuple(t.shape) for t in backbone_tensors(student)] == [tuple(t.shape) for t in backbone_tensors(teacher)]
+    if mode == "auto":
+        return "momentum" if same else "frozen"
+    if mode == "momentum" and not same:
+        raise ValueError(
+            "teacher_update='momentum' needs a student with the teacher's architecture (the teacher becomes an EMA "
+            "of the student), but their backbone parameters differ. Use student 'same-as-teacher', or "
+            "teacher_update='frozen' for a cross-architecture teacher."
+        )
+    return mode
+
+
+def _build(config, classifier: bool) -> PreTrainedModel:
+    auto = AutoModelForImageClassification if classifier else AutoModel
+    return auto.from_config(config)
+
+
+def _gather_across_processes(features: torch.Tensor) -> torch.Tensor:
+    """All processes' `(B, d)` features concatenated in rank order (the input itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, features.contiguous())
+    return torch.cat(gathered)
+
+
+AutoModel.register(MoMAConfig, MoMAForDistillation)

@@ -1,0 +1,185 @@
+"""MoMATrainingArguments and MoMATrainer: MoMA on the standard transformers training loop.
+
+The Trainer does the loop, the optimiser, mixed precision, checkpoints and logging. MoMATrainer adds only
+what MoMA needs: the loss from the model output, the momentum update and the gathered enqueue after each
+optimiser step, per-term logging, and the export of the student alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .configuration_moma import TEACHER_UPDATES
+
+METHODS = ("moma", "moma-noattn")
+LOSS_TERMS = ("loss_ce", "loss_kd", "loss_moma")
+
+
+@dataclass
+class MoMATrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the teacher, the student and MoMA's hyper-parameters (DESIGN.md section 1).
+
+    Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator reads the raw
+    image column) and `hub_strategy="end"` (only the final student is pushed, never a MoMA checkpoint).
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher: Hub id or local path (transformers or timm `hf-hub:` model)."}
+    )
+    teacher_model_revision: str = field(default="main", metadata={"help": "Teacher revision (branch, tag, sha)."})
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra timm kwargs for the teacher, e.g. '{\"init_values\": 1e-5}'."}
+    )
+    student_model_name_or_path: str = field(
+        default="resnet18",
+        metadata={"help": "Student: Hub id or path of an image classifier, a timm architecture name built from "
+                  "scratch (e.g. resnet18), or 'same-as-teacher'."},
+    )
+    method: str = field(default="moma", metadata={"help": f"Distillation method, one of {METHODS}."})
+    teacher_update: str = field(default="auto", metadata={"help": f"One of {TEACHER_UPDATES}."})
+    projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
+    attention_heads: int = field(default=4, metadata={"help": "Heads of the batch-axis attention."})
+    queue_size: int = field(default=16384, metadata={"help": "K, the number of queued negative keys."})
+    contrastive_temperature: float = field(default=0.15, metadata={"help": "T of the InfoNCE term."})
+    momentum: float = field(default=0.999, metadata={"help": "m of the key-pathway EMA."})
+    w_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term."})
+    w_kd: float | None = field(
+        default=None, metadata={"help": "Weight of logit KD; default 1 when the teacher has the student's labels, "
+                                "else 0."}
+    )
+    w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
+    kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs images."})
+    hub_strategy: str = field(default="end", metadata={"help": "Only 'end' is supported: the student is pushed."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {METHODS}.")
+        if self.teacher_update not in TEACHER_UPDATES:
+            raise ValueError(f"--teacher_update {self.teacher_update!r} is not one of {TEACHER_UPDATES}.")
+        if str(getattr(self.hub_strategy, "value", self.hub_strategy)) != "end":
+            raise ValueError(
+                "--hub_strategy must be 'end': checkpoints hold the whole MoMA state (teacher, queue), not the "
+                "student, so only the exported student is pushed, once training ends."
+            )
+        if self.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must be False: the collator reads the raw image column.")
+        if isinstance(self.teacher_model_init_kwargs, str):
+            import json
+
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Keys enqueued per optimiser step: per-device batch x processes x accumulation steps."""
+        return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+
+    def moma_config_kwargs(self) -> dict[str, Any]:
+        """The `MoMAConfig` fields these arguments set."""
+        return dict(
+            projection_dim=self.projection_dim,
+            num_attention_heads=self.attention_heads,
+            queue_size=self.queue_size,
+            contrastive_temperature=self.contrastive_temperature,
+            momentum=self.momentum,
+            teacher_update=self.teacher_update,
+            use_attention=self.method != "moma-noattn",
+            w_ce=self.w_ce,
+            w_kd=self.w_kd,
+            w_moma=self.w_moma,
+            kd_temperature=self.kd_temperature,
+            global_batch_size=self.global_batch_size,
+            teacher_name_or_path=self.teacher_model_name_or_path,
+            teacher_revision=self.teacher_model_revision,
+        )
+
+
+class _MomentumQueueCallback(TrainerCallback):
+    """After every optimiser step: EMA of the key pathway, then enqueue the step's gathered keys."""
+
+    def __init__(self, trainer: "MoMATrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.finish_optimizer_step()
+
+
+class MoMATrainer(Trainer):
+    """A `Trainer` for `MoMAForDistillation`.
+
+    It overrides only `compute_loss` (collect keys and loss terms), `log` (add the terms and the queue fill),
+    `_save` (export the student alone outside `checkpoint-*`) and `create_model_card` (a MoMA card). Keys are
+    gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_keys: list[torch.Tensor] = []
+        self._term_sums: torch.Tensor | None = None
+        self._term_steps = 0
+        self.add_callback(_MomentumQueueCallback(self))
+
+    @property
+    def moma_model(self):
+        """The bare `MoMAForDistillation`, unwrapped from DDP or compilation."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's weighted loss; in training, also stash the gathered keys and the unweighted terms."""
+        outputs = model(**inputs)
+        if model.training:
+            self._pending_keys.append(self.accelerator.gather(outputs.keys))
+            terms = torch.stack([outputs[name].detach().float() for name in LOSS_TERMS])
+            self._term_sums = terms if self._term_sums is None else self._term_sums + terms
+            self._term_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def finish_optimizer_step(self) -> None:
+        """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
+        if not self._pending_keys:
+            return
+        moma = self.moma_model
+        moma.momentum_update()
+        moma.enqueue(torch.cat(self._pending_keys))
+        self._pending_keys.clear()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss term since the last log, across processes, and the queue fill level."""
+        if "loss" in logs and self._term_steps:
+            means = self.accelerator.reduce(self._term_sums / self._term_steps, reduction="mean")
+            logs.update({name: round(value, 4) for name, value in zip(LOSS_TERMS, means.tolist())})
+            queue = self.moma_model.key_queue
+            logs["queue_fill"] = round(queue.queue_len.item() / queue.size, 4)
+            self._term_sums, self._term_steps = None, 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`checkpoint-*` keeps the full MoMA state; any other folder receives the student alone."""
+        output_dir = output_dir or self.args.output_dir
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.moma_model.student.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        # JSON, not the pickled args: it redacts tokens and never needs unpickling.
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write the MoMA model card (not the Trainer's generic one) into `output_dir`."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        write_model_card(self, self.args.output_dir)
