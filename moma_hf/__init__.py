@@ -3,6 +3,7 @@ histopathology models, on transformers, datasets and accelerate."""
 
 from .configuration_moma import MoMAConfig
 from .modeling_moma import MoMAForDistillation, MoMAOutput
+from .trainer_moma import MoMATrainer, MoMATrainingArguments
 
-__all__ = ["MoMAConfig", "MoMAForDistillation", "MoMAOutput"]
+__all__ = ["MoMAConfig", "MoMAForDistillation", "MoMAOutput", "MoMATrainer", "MoMATrainingArguments"]
 __version__ = "0.1.0"

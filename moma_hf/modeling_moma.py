@@ -84,6 +84,17 @@ class MoMAForDistillation(PreTrainedModel):
         self.key_queue = KeyQueue(config.queue_size, dim)
         self.post_init()
 
+    @classmethod
+    def from_student_and_teacher(
+        cls, student: PreTrainedModel, teacher: PreTrainedModel, teacher_id2label: dict | None = None, **config_kwargs
+    ) -> "MoMAForDistillation":
+        """Wrap built networks; `config_kwargs` are `MoMAConfig` fields (see `MoMATrainingArguments`)."""
+        config = MoMAConfig(
+            student_config=student.config, teacher_config=teacher.config, teacher_id2label=teacher_id2label,
+            **config_kwargs,
+        )
+        return cls(config, student=student, teacher=teacher)
+
     def _init_weights(self, module: nn.Module) -> None:
         # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.
         pass
@@ -167,11 +178,12 @@ class MoMAForDistillation(PreTrainedModel):
 
 
 def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) -> str:
-    """Resolve "auto" to "momentum" when the backbones have identical parameter shapes, else "frozen".
+    """Resolve "auto" to "momentum" when backbones and pooled features have identical shapes, else "frozen".
 
     Raises a ValueError when "momentum" is asked for two backbones that cannot track each other.
     """
     same = [tuple(t.shape) for t in backbone_tensors(student)] == [tuple(t.shape) for t in backbone_tensors(teacher)]
+    same = same and feature_dim(student) == feature_dim(teacher)
     if mode == "auto":
         return "momentum" if same else "frozen"
     if mode == "momentum" and not same:

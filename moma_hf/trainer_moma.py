@@ -116,12 +116,16 @@ class MoMATrainer(Trainer):
     """A `Trainer` for `MoMAForDistillation`.
 
     It overrides only `compute_loss` (collect keys and loss terms), `log` (add the terms and the queue fill),
-    `_save` (export the student alone outside `checkpoint-*`) and `create_model_card` (a MoMA card). Keys are
+    `_save` (export the student alone outside `checkpoint-*`), `create_model_card` (a MoMA card) and
+    `_get_dataloader` (evaluation may use its own `eval_data_collator`). Keys are
     gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, eval_data_collator=None, model_card_data=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # Evaluation needs other transforms than training (no augmentation, no teacher input).
+        self.eval_data_collator = eval_data_collator
+        self.model_card_data = model_card_data  # a model_card.MoMAModelCardData: facts only the caller knows
         self._pending_keys: list[torch.Tensor] = []
         self._term_sums: torch.Tensor | None = None
         self._term_steps = 0
@@ -141,6 +145,16 @@ class MoMATrainer(Trainer):
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        if is_training or self.eval_data_collator is None:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator = train_collator
 
     def finish_optimizer_step(self) -> None:
         """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
@@ -182,4 +196,4 @@ class MoMATrainer(Trainer):
             return
         from .model_card import write_model_card
 
-        write_model_card(self, self.args.output_dir)
+        write_model_card(self, self.args.output_dir, self.model_card_data)

@@ -1,0 +1,75 @@
+"""Distil a teacher into a small student with MoMA, evaluate it, write its card, and optionally push it.
+
+    accelerate launch examples/distill.py                          # the bundled demo, offline
+    accelerate launch examples/distill.py --config my_run.yaml     # YAML defaults, flags override
+    accelerate launch examples/distill.py --teacher_model_name_or_path owkin/phikon \
+        --student_model_name_or_path timm/resnet18.a1_in1k --dataset_name 1aurent/NCT-CRC-HE --streaming \
+        --max_steps 20000 --output_dir phikon-resnet18-nct --push_to_hub
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+
+from moma_hf import MoMAForDistillation, MoMATrainer, MoMATrainingArguments
+from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
+from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.model_card import MoMAModelCardData
+from moma_hf.students import build_student
+from moma_hf.teachers import load_teacher
+from moma_hf.transforms import normalization_from_processor
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class CardArguments:
+    """Facts for the student's model card that the run cannot discover."""
+
+    license: str = field(default="other", metadata={"help": "Licence of the distilled weights."})
+    dataset_display_name: str | None = field(default=None, metadata={"help": "Human name of the dataset."})
+    dataset_citation: str | None = field(default=None, metadata={"help": "Attribution text for the data."})
+
+
+def main(argv=None):
+    data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv, DEMO_CONFIG)
+    if data_args.streaming and args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
+    if not args.teacher_model_name_or_path:
+        raise ValueError("Give a teacher with --teacher_model_name_or_path (Hub id or local folder).")
+    set_seed(args.seed)
+    teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
+                           trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
+    train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
+    image_size = data_args.image_size or teacher.input_size
+    student, processor = build_student(args.student_model_name_or_path, dict(enumerate(labels)), teacher=teacher,
+                                       image_size=image_size, token=args.hub_token,
+                                       trust_remote_code=args.trust_remote_code)
+    model = MoMAForDistillation.from_student_and_teacher(
+        student, teacher.model, teacher.id2label, **args.moma_config_kwargs()
+    )
+    train_collator, eval_collator = build_collators(
+        data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std)
+    )
+    card = MoMAModelCardData(
+        dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
+        dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,
+        eval_split=data_args.validation_split, dataset_citation=card_args.dataset_citation,
+    )
+    trainer = MoMATrainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=train_collator, eval_data_collator=eval_collator, processing_class=processor,
+        compute_metrics=make_compute_metrics(len(labels)), model_card_data=card,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if eval_dataset is not None:
+        evaluate_and_save(trainer, eval_dataset, labels)
+    trainer.save_model()
+    trainer.create_model_card()
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"MoMA student distilled from {args.teacher_model_name_or_path}")
+
+
+if __name__ == "__main__":
+    main()

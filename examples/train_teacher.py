@@ -1,0 +1,81 @@
+"""Train a supervised teacher image classifier on any labelled patch dataset, ready for distillation.
+
+    python examples/train_teacher.py --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \
+        --output_dir nct-teacher --num_train_epochs 5
+    python examples/train_teacher.py --config examples/configs/demo_teacher.yaml   # the bundled demo teacher
+
+The model is a Hub id or local path (fine-tuned with a new head for the dataset's labels), a timm architecture
+name built from scratch, or a transformers `--model_type` built from scratch with `--config_overrides`.
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import CONFIG_MAPPING, AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
+from transformers.models.auto.image_processing_auto import (
+    IMAGE_PROCESSOR_MAPPING_NAMES,
+    get_image_processor_class_from_name,
+)
+
+from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
+from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.students import build_student
+from moma_hf.transforms import normalization_from_processor
+
+
+@dataclass
+class ModelArguments:
+    """Which network to train."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id, path or timm architecture."})
+    model_type: str | None = field(default=None, metadata={"help": "transformers model type built from scratch."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "With --model_type: 'hidden_size=128,num_hidden_layers=4,...'."}
+    )
+
+
+def build_model(model_args: ModelArguments, labels: list[str], image_size: int):
+    """`(model, image_processor)` for the target labels."""
+    id2label = dict(enumerate(labels))
+    if model_args.model_name_or_path:
+        return build_student(model_args.model_name_or_path, id2label, image_size=image_size)
+    if not model_args.model_type:
+        raise ValueError("Give --model_name_or_path, or --model_type (with --config_overrides) to build from scratch.")
+    config = CONFIG_MAPPING[model_args.model_type](
+        id2label=id2label, label2id={v: k for k, v in id2label.items()}, image_size=image_size
+    )
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    model = AutoModelForImageClassification.from_config(config)
+    return model, _default_processor(model_args.model_type, image_size)
+
+
+def _default_processor(model_type: str, image_size: int):
+    """The default image processor of a transformers model type, set to `image_size`."""
+    names = IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
+    name = names.get("torchvision") or names.get("pil") if isinstance(names, dict) else names
+    return get_image_processor_class_from_name(name)(size={"height": image_size, "width": image_size})
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    if data_args.streaming and args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
+    args.remove_unused_columns = False  # the collator reads the raw image column
+    set_seed(args.seed)
+    train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
+    image_size = data_args.image_size or 224
+    model, processor = build_model(model_args, labels, image_size)
+    train_collator, eval_collator = build_collators(
+        data_args, image_size, len(labels), normalization_from_processor(processor)
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=train_collator,
+                      processing_class=processor, compute_metrics=make_compute_metrics(len(labels)))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.data_collator = eval_collator
+    if eval_dataset is not None:
+        evaluate_and_save(trainer, eval_dataset, labels)
+    trainer.save_model()
+
+
+if __name__ == "__main__":
+    main()

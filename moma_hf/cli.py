@@ -1,0 +1,114 @@
+"""What the example scripts share: data arguments, `--config file.yaml` parsing, datasets and collators."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .data import PatchCollator, label_names, load_patch_dataset
+from .transforms import build_eval_transform, build_train_transform
+
+
+@dataclass
+class DataArguments:
+    """Where the labelled patches come from and how they are augmented."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. 1aurent/NCT-CRC-HE."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    dataset_revision: str = field(default="main", metadata={"help": "Hub dataset revision."})
+    train_dir: str | None = field(default=None, metadata={"help": "Local imagefolder, parquet or tar source."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Local source of the evaluation split."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the training data (needs --max_steps)."})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
+    image_size: int | None = field(default=None, metadata={"help": "Crop size; default: the teacher's input."})
+    randaugment: str = field(default="rand-n2-m10-mstd0.5", metadata={"help": "timm RandAugment string, or ''."})
+    stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength (0 turns it off)."})
+    max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.train_dir):
+            raise ValueError("Give the training data: --dataset_name (Hub id) or --train_dir (local folder/files).")
+
+    def source(self, split: str) -> tuple[str, str]:
+        """`(source, split)` to pass to `load_patch_dataset` for the train or evaluation split."""
+        if self.dataset_name:
+            return self.dataset_name, self.train_split if split == "train" else self.validation_split
+        local = self.train_dir if split == "train" else self.validation_dir
+        return local, self.train_split if split == "train" else self.validation_split
+
+
+def parse_args(dataclass_types: tuple, argv: list[str] | None = None, default_config: Path | None = None):
+    """Parse CLI flags, with `--config file.yaml` as defaults that explicit flags override.
+
+    With no arguments at all, `default_config` (the bundled demo) is used.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv and default_config is not None:
+        argv = ["--config", str(default_config)]
+    if "--config" in argv:
+        index = argv.index("--config")
+        config_path = Path(argv[index + 1])
+        argv = _yaml_to_flags(config_path) + argv[:index] + argv[index + 2 :]
+    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+
+
+def _yaml_to_flags(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)) and key not in ("report_to",):
+            value = json.dumps(value)
+        if isinstance(value, list):
+            flags += [f"--{key}", *map(str, value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def load_datasets(data_args: DataArguments, streaming: bool, seed: int = 42):
+    """`(train_dataset, eval_dataset or None, label_names)`; the evaluation split is always map-style."""
+    common = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name)
+    source, split = data_args.source("train")
+    hub = dict(name=data_args.dataset_config_name, revision=data_args.dataset_revision)
+    train = load_patch_dataset(source, split, streaming=streaming, shuffle_buffer_size=data_args.shuffle_buffer_size,
+                               seed=seed, **hub, **common)
+    names = label_names(train)
+    evaluation = None
+    eval_source, eval_split = data_args.source("validation")
+    if eval_source and eval_split:
+        evaluation = load_patch_dataset(eval_source, eval_split, streaming=False, **hub, **common)
+        if label_names(evaluation) != names:
+            raise ValueError(
+                f"The evaluation labels {label_names(evaluation)} differ from the training labels {names}: both "
+                "splits must share one label set (same class folders / ClassLabel names)."
+            )
+    return train, evaluation, names
+
+
+def build_collators(data_args: DataArguments, image_size: int, num_labels: int, student_norm, teacher_norm=None):
+    """`(train_collator, eval_collator)`: augmentation and two normalisations for training, resize for eval.
+
+    `teacher_norm` is dropped when it equals `student_norm`, so the teacher reuses the student's tensor.
+    """
+    if teacher_norm is not None and [list(x) for x in teacher_norm] == [list(x) for x in student_norm]:
+        teacher_norm = None
+    common = dict(num_labels=num_labels, max_bad_fraction=data_args.max_bad_image_fraction)
+    train = PatchCollator(
+        build_train_transform(image_size, randaugment=data_args.randaugment or None,
+                              stain_jitter=data_args.stain_jitter),
+        student_norm, teacher_norm, **common,
+    )
+    evaluation = PatchCollator(build_eval_transform(image_size), student_norm, None, **common)
+    return train, evaluation
