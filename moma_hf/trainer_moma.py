@@ -26,7 +26,8 @@ class MoMATrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the teacher, the student and MoMA's hyper-parameters (DESIGN.md section 1).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator reads the raw
-    image column) and `hub_strategy="end"` (only the final student is pushed, never a MoMA checkpoint).
+    image column), `hub_strategy="end"` (only the final student is pushed, never a MoMA checkpoint) and
+    `dataloader_drop_last=True` for training (evaluation never drops samples).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -58,6 +59,10 @@ class MoMATrainingArguments(TrainingArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs images."})
     hub_strategy: str = field(default="end", metadata={"help": "Only 'end' is supported: the student is pushed."})
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop a short last training batch: batch attention and BN need full ones "
+                                "(evaluation never drops)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,13 +153,14 @@ class MoMATrainer(Trainer):
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
-        if is_training or self.eval_data_collator is None:
+        if is_training:
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # evaluate every sample
         try:
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         finally:
-            self.data_collator = train_collator
+            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
 
     def finish_optimizer_step(self) -> None:
         """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
