@@ -51,7 +51,7 @@ def evaluate_and_save(trainer, dataset, label_names: list[str]) -> dict[str, flo
     prediction = trainer.predict(dataset, metric_key_prefix="eval")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     matrix = confusion_matrix(np.argmax(logits, axis=-1), prediction.label_ids, len(label_names))
-    metrics = prediction.metrics
+    metrics = {**prediction.metrics, **{f"eval_{k}": v for k, v in classification_metrics(matrix).items()}}
     trainer.log(metrics)
     if trainer.is_world_process_zero():
         output_dir = Path(trainer.args.output_dir)

@@ -83,6 +83,7 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
         dataset_citation=card_data.dataset_citation,
         labels=[config.id2label[i] for i in sorted(config.id2label)],
         teacher=teacher,
+        teacher_known=config.teacher_name_or_path is not None,
         teacher_url=teacher if Path(teacher).exists() else f"https://huggingface.co/{teacher.removeprefix('hf-hub:')}",
         teacher_revision=config.teacher_revision,
         teacher_update=moma.teacher_update,
@@ -142,7 +143,7 @@ def _metadata(facts: dict, card_data: MoMAModelCardData) -> ModelCardData:
         for name, value in metrics.items()
         if name != "loss"
     ]
-    teacher = facts["teacher"].removeprefix("hf-hub:")
+    teacher = facts["teacher"].removeprefix("hf-hub:") if facts["teacher_known"] else None
     return ModelCardData(
         library_name="transformers",
         license=card_data.license,

@@ -83,4 +83,37 @@ def small_moma():
         return MoMAForDistillation.from_student_and_teacher(student, teacher, teacher_labels, **config)
 
     return build
+def make_trainer(small_moma, nct_mini_dir, output_dir, **overrides):
+    """A MoMATrainer for 30 steps of a tiny timm student and ViT teacher on nct-crc-mini at 64 px."""
+    from moma_hf import MoMATrainer, MoMATrainingArguments
+    from moma_hf.cli import DataArguments, build_collators
+    from moma_hf.data import label_names, load_patch_dataset
+    from moma_hf.students import build_student
+    from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    dataset = load_patch_dataset(str(nct_mini_dir), "train", streaming=False)
+    names = label_names(dataset)
+    settings = dict(
+        output_dir=str(output_dir), max_steps=30, per_device_train_batch_size=16, learning_rate=2e-3,
+        lr_scheduler_type="constant", logging_steps=1, save_steps=15,
+        report_to="none", use_cpu=True, seed=0, queue_size=32, projection_dim=32,
+    )
+    args = MoMATrainingArguments(**{**settings, **overrides})
+    student, processor = build_student("test_resnet", dict(enumerate(names)), image_size=64)
+    model = small_moma(student, tiny_vit(names=names), **args.moma_config_kwargs())
+    data_args = DataArguments(train_dir=str(nct_mini_dir), randaugment="", stain_jitter=0.0)
+    train_collator, eval_collator = build_collators(data_args, 64, len(names), (IMAGENET_MEAN, IMAGENET_STD),
+                                                    ([0.5] * 3, [0.5] * 3))
+    return MoMATrainer(model=model, args=args, train_dataset=dataset, data_collator=train_collator,
+                       eval_data_collator=eval_collator, processing_class=processor)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A started loopback Hub with huggingface_hub/transformers pointed at it and a tmp HF_HOME."""
+    from hub_server import LoopbackHub, hub_env
+
+    with LoopbackHub(tmp_path / "hub") as server:
+        hub_env(monkeypatch, server, tmp_path / "hf_home")
+        yield server
 # ---- end of model fixtures ----------------------------------------------------------------------------

@@ -31,14 +31,6 @@ except ImportError:  # tests/ is not a package; --import-mode=importlib does not
 TOKEN = "hf_loopbackSecret0123456789"
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A started LoopbackHub with huggingface_hub/transformers pointed at it and a tmp HF_HOME."""
-    with LoopbackHub(tmp_path / "hub") as server:
-        hub_env(monkeypatch, server, tmp_path / "hf_home")
-        yield server
-
-
 def tiny_resnet() -> ResNetForImageClassification:
     """A ~10k-parameter ResNet classifier; seeded so two calls give the same weights."""
     torch.manual_seed(0)
