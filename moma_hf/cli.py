@@ -46,14 +46,19 @@ class DataArguments:
         return local, self.train_split if split == "train" else self.validation_split
 
 
+DATA_FLAGS = ("--dataset_name", "--train_dir")
+
+
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None, default_config: Path | None = None):
     """Parse CLI flags, with `--config file.yaml` as defaults that explicit flags override.
 
-    With no arguments at all, `default_config` (the bundled demo) is used.
+    Without `--config` and without any training data flag, `default_config` (the bundled demo) gives the
+    defaults, so `distill.py --max_steps 20` runs the demo for 20 steps.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv and default_config is not None:
-        argv = ["--config", str(default_config)]
+    flags = {a.split("=")[0] for a in argv}
+    if default_config is not None and "--config" not in flags and not flags & set(DATA_FLAGS):
+        argv = ["--config", str(default_config), *argv]
     if "--config" in argv:
         index = argv.index("--config")
         config_path = Path(argv[index + 1])

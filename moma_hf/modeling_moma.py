@@ -30,8 +30,9 @@ class MoMAOutput(ModelOutput):
         loss: the weighted total, `()`.
         logits: the student's logits, `(B, C)`.
         loss_ce, loss_kd, loss_moma: the unweighted terms, `()` each (0 when a term is off).
-        keys: `(B, D)` keys of this batch, detached; the trainer gathers them across processes and enqueues them
-            after the optimiser step. None in eval mode.
+        contrastive_keys: `(B, D)` keys of this batch, detached (not named `keys`, which would hide
+            `dict.keys`); the trainer gathers them across processes and enqueues them after the optimiser step.
+            None in eval mode.
     """
 
     loss: torch.Tensor | None = None
@@ -39,7 +40,7 @@ class MoMAOutput(ModelOutput):
     loss_ce: torch.Tensor | None = None
     loss_kd: torch.Tensor | None = None
     loss_moma: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
+    contrastive_keys: torch.Tensor | None = None
 
 
 class MoMAForDistillation(PreTrainedModel):
@@ -135,7 +136,7 @@ class MoMAForDistillation(PreTrainedModel):
             loss_kd = kd_loss(logits, teacher_logits, self.config.kd_temperature)
         loss = self.config.w_ce * loss_ce + self.config.w_kd * loss_kd + self.config.w_moma * loss_moma
         return MoMAOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_kd=loss_kd, loss_moma=loss_moma,
-                          keys=keys.detach())
+                          contrastive_keys=keys.detach())
 
     @torch.no_grad()
     def _keys(self, teacher_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

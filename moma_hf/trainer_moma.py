@@ -145,7 +145,7 @@ class MoMATrainer(Trainer):
         """The model's weighted loss; in training, also stash the gathered keys and the unweighted terms."""
         outputs = model(**inputs)
         if model.training:
-            self._pending_keys.append(self.accelerator.gather(outputs.keys))
+            self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
             terms = torch.stack([outputs[name].detach().float() for name in LOSS_TERMS])
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1

@@ -74,7 +74,7 @@ def test_momentum_update_is_the_ema_of_every_key_side_tensor(small_moma):
 def test_gradients_reach_the_query_side_and_never_the_key_side(small_moma, nct_tensors):
     model = small_moma().train()
     pixels, labels = nct_tensors
-    model.enqueue(model(pixel_values=pixels[:8], labels=labels[:8]).keys)
+    model.enqueue(model(pixel_values=pixels[:8], labels=labels[:8]).contrastive_keys)
     out = model(pixel_values=pixels[8:24], labels=labels[8:24])
     assert out.loss_moma > 0 and out.loss_kd > 0 and out.loss_ce > 0
     out.loss.backward()
@@ -106,7 +106,7 @@ def test_frozen_mode_fits_g_t_once_and_keeps_the_teacher_fixed(small_moma, nct_t
     # the fitted projection is orthonormal on its rows: it keeps the teacher's geometry
     rows = min(weight.shape)
     torch.testing.assert_close(weight[:rows] @ weight[:rows].T, torch.eye(rows), atol=1e-4, rtol=0)
-    model.enqueue(out.keys)
+    model.enqueue(out.contrastive_keys)
     model.momentum_update()
     model(pixel_values=pixels[16:32], labels=labels[16:32])
     assert torch.equal(model.key_head.weight, weight)
@@ -132,7 +132,7 @@ def test_save_and_load_restore_queue_pointer_and_key_pathway_exactly(small_moma,
     for start in range(0, 48, 16):
         out = model(pixel_values=pixels[start:start + 16], labels=labels[start:start + 16])
         model.momentum_update()
-        model.enqueue(out.keys)
+        model.enqueue(out.contrastive_keys)
     model.save_pretrained(tmp_path)
     loaded = MoMAForDistillation.from_pretrained(tmp_path)
     assert loaded.teacher_update == "frozen" and loaded.key_queue.queue_ptr.item() == 48
