@@ -46,15 +46,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator
 
 import datasets
-import numpy as np
-import torch
-from PIL import Image
 
+from .collator import BadImageWarning, PatchCollator  # noqa: F401 - part of this module's API
 from .transforms import load_rgb_image
 
 __all__ = [
@@ -81,13 +78,6 @@ _INPUT_SHARDS = 10
 _SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
 
 
-class BadImageWarning(UserWarning):
-    """An image could not be decoded and was skipped by :class:`PatchCollator`."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
 def load_patch_dataset(
     source: str,
     split: str = "train",
@@ -362,124 +352,3 @@ def shard_for_process(dataset, rank: int, world_size: int):
 # --------------------------------------------------------------------------------------------------
 # Decoding and collation
 # --------------------------------------------------------------------------------------------------
-def _describe(image: Any, position: int) -> str:
-    """The file name of an example's image for messages, or its position when it has none."""
-    if isinstance(image, dict):
-        path = image.get("path")
-    elif isinstance(image, (str, os.PathLike)):
-        path = image
-    else:
-        path = getattr(image, "filename", None)
-    return str(path) if path else f"example #{position} of the stream (no file path)"
-
-
-def _as_norm(norm: tuple[Sequence[float], Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = (torch.as_tensor(values, dtype=torch.float32).reshape(-1, 1, 1) for values in norm)
-    if mean.shape[0] != 3 or std.shape[0] != 3:
-        raise ValueError(f"A normalisation needs 3 means and 3 stds (RGB), got {norm}.")
-    return mean, std
-
-
-class PatchCollator:
-    """``collate_fn`` for a torch ``DataLoader`` / the Trainer's ``data_collator``.
-
-    Decodes each example's image, augments it once with ``transform`` and normalises that same crop
-    with the student's and the teacher's mean/std.
-
-    Args:
-        transform: PIL RGB image -> float tensor ``(3, H, W)`` in ``[0, 1]``, not normalised (see
-            :mod:`moma_hf.transforms`).
-        student_norm, teacher_norm: ``(mean, std)``, 3 values each. ``teacher_norm=None`` (no teacher, or
-            one that shares the student's input) omits ``teacher_pixel_values``.
-        num_labels: when given, a label outside ``range(num_labels)`` raises.
-        max_bad_fraction: the largest tolerated fraction of undecodable images.
-        min_samples_for_threshold: the fraction is only checked after this many images, so that one bad
-            file among the first few does not stop a run.
-
-    Returns (from ``__call__``):
-        ``{"pixel_values": (B, 3, H, W) float32, "teacher_pixel_values": (B, 3, H, W) float32,
-        "labels": (B,) int64}``.
-
-    A corrupt or truncated image is skipped with a :class:`BadImageWarning` naming its path (or its
-    position in this collator's stream) and counted in ``num_seen``/``num_bad``/``bad_files``. Distributed
-    training gathers equal batches, so the batch size never shrinks: each skipped slot is filled with a
-    fresh augmentation of a good image (and its label) from the same batch, which that image's weight
-    in the step slightly raises. With DataLoader workers each worker process holds its own copy of
-    the counters, and the threshold applies per worker; the main process's copy stays at zero.
-    """
-
-    def __init__(
-        self,
-        transform: Callable[[Image.Image], torch.Tensor],
-        student_norm: tuple[Sequence[float], Sequence[float]],
-        teacher_norm: tuple[Sequence[float], Sequence[float]] | None = None,
-        num_labels: int | None = None,
-        max_bad_fraction: float = 0.01,
-        min_samples_for_threshold: int = 100,
-    ):
-        self.transform = transform
-        self.student_norm = _as_norm(student_norm)
-        self.teacher_norm = _as_norm(teacher_norm) if teacher_norm is not None else None
-        self.num_labels = num_labels
-        self.max_bad_fraction = max_bad_fraction
-        self.min_samples_for_threshold = min_samples_for_threshold
-        self.num_seen = 0
-        self.num_bad = 0
-        self.bad_files: list[str] = []
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Collate ``examples`` (dicts with ``image`` and ``label``) into model inputs; see the class docstring."""
-        if not examples:
-            raise ValueError("PatchCollator got an empty batch.")
-        decoded, bad = [], []
-        for offset, example in enumerate(examples):
-            name = _describe(example.get("image"), self.num_seen + offset)
-            label = self._check_label(example.get("label"), name)
-            try:
-                image = load_rgb_image(example["image"])
-            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ...) for a broken file
-                warnings.warn(f"Skipping unreadable image {name}: {type(err).__name__}: {err}", BadImageWarning)
-                bad.append(name)
-                image = None
-            decoded.append((image, label))
-        self._record(len(examples), bad)
-        good = [pair for pair in decoded if pair[0] is not None]
-        filled = [pair if pair[0] is not None else good[slot % len(good)] for slot, pair in enumerate(decoded)]
-        pixels = torch.stack([self.transform(image) for image, _ in filled]).float()
-        batch = {"pixel_values": self._normalise(pixels, self.student_norm)}
-        if self.teacher_norm is not None:
-            batch["teacher_pixel_values"] = self._normalise(pixels, self.teacher_norm)
-        batch["labels"] = torch.tensor([label for _, label in filled], dtype=torch.int64)
-        return batch
-
-    @staticmethod
-    def _normalise(pixels: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        mean, std = norm
-        return (pixels - mean) / std
-
-    def _check_label(self, label: Any, name: str) -> int:
-        hint = "Check --label_column_name and that the label set matches the model's labels."
-        if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise ValueError(f"The label of {name} is {label!r}, not a class id. {hint}")
-        if self.num_labels is not None and not 0 <= int(label) < self.num_labels:
-            raise ValueError(f"The label {int(label)} of {name} is outside range(0, {self.num_labels}). {hint}")
-        return int(label)
-
-    def _record(self, batch_size: int, bad: list[str]) -> None:
-        """Count a batch; raise when it is all bad or the bad fraction passes the threshold."""
-        self.num_seen += batch_size
-        self.num_bad += len(bad)
-        self.bad_files.extend(bad)
-        if len(bad) == batch_size:
-            raise ValueError(
-                f"Every image of a batch of {batch_size} is unreadable: {bad[:10]}. Check that the image "
-                "column holds encoded images (e.g. JPEG/PNG bytes or paths) and that the files are intact."
-            )
-        fraction = self.num_bad / self.num_seen
-        if self.num_seen >= self.min_samples_for_threshold and fraction > self.max_bad_fraction:
-            raise ValueError(
-                f"{self.num_bad} of {self.num_seen} images ({fraction:.2%}) could not be decoded, more than "
-                f"the allowed {self.max_bad_fraction:.2%}. Unreadable files include {self.bad_files[:10]}. "
-                "Clean the data (remove or re-export these files), or raise --max_bad_image_fraction "
-                "if losing them is acceptable."
-            )
