@@ -17,21 +17,25 @@ from torch import nn
 CLS_TOKEN_MODEL_TYPES = frozenset({"vit", "deit", "vit_msn", "vit_mae", "beit", "data2vec-vision"})
 
 
-def classifier_head(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The classification head of an image classifier as `(qualified name, module)`, or None for a backbone.
+def head_module(model: nn.Module) -> nn.Module | None:
+    """The classification head of an image classifier, or None for a backbone (cheap: called every step).
 
     transformers image classifiers (ViT, DINOv2, ResNet, ConvNeXt, Swin, EfficientNet, ...) call it
     `classifier`; a `TimmWrapperForImageClassification` keeps it inside the timm model.
     """
     timm_model = getattr(model, "timm_model", None)
     if timm_model is not None:
-        if getattr(timm_model, "num_classes", 0) == 0:
-            return None
-        head = timm_model.get_classifier()
-        name = next(n for n, m in model.named_modules() if m is head)
-        return name, head
+        return timm_model.get_classifier() if getattr(timm_model, "num_classes", 0) else None
     head = getattr(model, "classifier", None)
-    return ("classifier", head) if isinstance(head, nn.Module) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The classification head as `(qualified name, module)`, or None for a backbone."""
+    head = head_module(model)
+    if head is None:
+        return None
+    return next(n for n, m in model.named_modules() if m is head), head
 
 
 def backbone_tensors(model: nn.Module, buffers: bool = False) -> list[torch.Tensor]:
@@ -71,10 +75,10 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch
     Returns:
         `(features (B, d), logits (B, C) or None)`.
     """
-    head = classifier_head(model)
+    head = head_module(model)
     if head is not None:
         store: dict = {}
-        with _capture_head_input(head[1], store):
+        with _capture_head_input(head, store):
             logits = model(pixel_values=pixel_values).logits
         return store["features"].flatten(1), logits
     outputs = model(pixel_values=pixel_values)

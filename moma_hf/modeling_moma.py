@@ -151,26 +151,34 @@ class MoMAForDistillation(PreTrainedModel):
         """The key-side tensors and the query-side tensors they track, in matching order.
 
         `A_k` tracks `A_q` always; in momentum mode the teacher backbone (parameters and floating-point buffers
-        such as BN statistics) tracks the student backbone, and `g_T` tracks `g_S`.
+        such as BN statistics) tracks the student backbone, and `g_T` tracks `g_S`. Built once and cached,
+        since module walks have no place in the training step; `_apply` (`.to()`, `.float()`, ...) drops the
+        cache because it may replace tensors, while loading weights copies into the same ones.
         """
-        key_modules, query_modules = [self.key_attention], [self.query_attention]
-        keys, queries = [], []
-        if self.teacher_update == "momentum":
-            key_modules.append(self.key_head)
-            query_modules.append(self.query_head)
-            for buffers in (False, True):
-                keys += backbone_tensors(self.teacher, buffers)
-                queries += backbone_tensors(self.student, buffers)
-        keys += [t for m in key_modules for t in m.parameters()]
-        queries += [t for m in query_modules for t in m.parameters()]
-        return keys, queries
+        if getattr(self, "_ema_pairs", None) is None:
+            key_modules, query_modules = [self.key_attention], [self.query_attention]
+            keys, queries = [], []
+            if self.teacher_update == "momentum":
+                key_modules.append(self.key_head)
+                query_modules.append(self.query_head)
+                for buffers in (False, True):
+                    keys += backbone_tensors(self.teacher, buffers)
+                    queries += backbone_tensors(self.student, buffers)
+            keys += [t for m in key_modules for t in m.parameters()]
+            queries += [t for m in query_modules for t in m.parameters()]
+            self._ema_pairs = (keys, queries)
+        return self._ema_pairs
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_pairs = None
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """`theta_key <- m * theta_key + (1 - m) * theta_query` for every key-side tensor, in one fused call."""
         keys, queries = self.ema_pairs()
         if keys:
-            torch._foreach_lerp_([k.data for k in keys], [q.data for q in queries], 1.0 - self.config.momentum)
+            torch._foreach_lerp_(keys, queries, 1.0 - self.config.momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
