@@ -33,6 +33,9 @@ class MoMAConfig(PretrainedConfig):
         kd_temperature: T_kd of the logit-KD term.
         teacher_id2label: the teacher's own label names, when it has a classifier head.
         global_batch_size: when known, checked against `queue_size` (the queue must hold one global batch).
+        shuffle_bn: momentum teachers only. With several processes, the teacher's BatchNorm layers use the
+            statistics of a batch shuffled across processes (MoCo's Shuffle-BN) instead of their running
+            statistics; see `moma_hf.distributed.shuffled_forward`.
     """
 
     model_type = "moma"
@@ -57,6 +60,7 @@ class MoMAConfig(PretrainedConfig):
         kd_temperature: float = 4.0,
         teacher_id2label: dict | None = None,
         global_batch_size: int | None = None,
+        shuffle_bn: bool = False,
         **kwargs: Any,
     ):
         self.student_config = _as_dict(student_config)
@@ -75,6 +79,7 @@ class MoMAConfig(PretrainedConfig):
         self.kd_temperature = kd_temperature
         self.teacher_id2label = {int(k): v for k, v in teacher_id2label.items()} if teacher_id2label else None
         self.global_batch_size = global_batch_size
+        self.shuffle_bn = shuffle_bn
         super().__init__(**kwargs)
         if self.student_config is not None and "id2label" not in kwargs:
             self.id2label = dict(self.build_student_config().id2label)

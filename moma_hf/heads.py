@@ -21,11 +21,11 @@ class ProjectionHead(nn.Module):
 class FixedProjection(nn.Module):
     """`g_T` for a frozen teacher: a fixed orthonormal map fitted once to teacher features, then never trained.
 
-    Fitting keeps the teacher's geometry: features are centred with the first global batch's mean and projected
-    on an orthonormal basis whose first rows are that batch's principal directions, completed with seeded random
-    orthonormal directions when the batch has fewer samples than dims. When `in_dim <= out_dim` the map is a
-    rotation padded with zeros, so no information is lost. Keys therefore stay consistent for the whole run and
-    the queue never goes stale. The basis is stored in buffers, so checkpoints restore it.
+    Fitting keeps the teacher's geometry: features are centred with the mean of the first micro-batch (gathered
+    from every process) and projected on an orthonormal basis whose first rows are that batch's principal
+    directions, completed with seeded random orthonormal directions when the batch has fewer samples than dims.
+    When `in_dim <= out_dim` the map is a rotation padded with zeros, so no information is lost. Keys therefore
+    stay consistent for the whole run and the queue never goes stale. The basis is stored in buffers, so checkpoints restore it.
     """
 
     def __init__(self, in_dim: int, out_dim: int):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
@@ -17,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import backbone_tensors, feature_dim, pooled_features
 from .configuration_moma import MoMAConfig
+from .distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .heads import BatchAttention, FixedProjection, ProjectionHead
 from .key_queue import KeyQueue
 from .losses import info_nce, kd_loss
@@ -54,13 +56,16 @@ class MoMAForDistillation(PreTrainedModel):
     The query pathway is the student, `g_S` (`query_head`) and `A_q` (`query_attention`); the key pathway is the
     teacher, `g_T` (`key_head`) and `A_k` (`key_attention`). `A_k` is always the EMA of `A_q`; in "momentum"
     mode the teacher backbone and `g_T` are EMAs of the student backbone and `g_S` as well, while in "frozen" mode
-    they never change (`g_T` is then a `FixedProjection` fitted to the first global batch).
+    they never change (`g_T` is then a `FixedProjection` fitted to the first micro-batch, gathered from every process).
     """
 
     config_class = MoMAConfig
     base_model_prefix = "moma"
     main_input_name = "pixel_values"
     _supports_sdpa = True
+    # The loss is a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
+    # gradient-accumulation steps (forward's **kwargs would otherwise make it assume we do).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
@@ -70,6 +75,11 @@ class MoMAForDistillation(PreTrainedModel):
         )
         self.teacher.requires_grad_(False)
         self.teacher_update = resolve_teacher_update(config.teacher_update, self.student, self.teacher)
+        if config.shuffle_bn and self.teacher_update != "momentum":
+            raise ValueError(
+                "shuffle_bn applies to momentum teachers only: a frozen teacher keeps its BatchNorm running "
+                "statistics, so no batch statistics can leak. Drop --shuffle_bn or use a momentum teacher."
+            )
         dim = config.projection_dim
         self.query_head = ProjectionHead(feature_dim(self.student), dim)
         if self.teacher_update == "momentum":
@@ -141,11 +151,29 @@ class MoMAForDistillation(PreTrainedModel):
     @torch.no_grad()
     def _keys(self, teacher_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher)."""
-        features, teacher_logits = pooled_features(self.teacher, teacher_pixel_values)
+        if self._shuffle_bn():
+            with batch_statistics(self.teacher):
+                features, teacher_logits = shuffled_forward(
+                    lambda x: pooled_features(self.teacher, x), teacher_pixel_values
+                )
+        else:
+            features, teacher_logits = pooled_features(self.teacher, teacher_pixel_values)
         if isinstance(self.key_head, FixedProjection) and not self.key_head.fitted:
-            self.key_head.fit(_gather_across_processes(features), seed=self.config.queue_size)
+            self.key_head.fit(gather_across_processes(features), seed=self.config.queue_size)
         keys = self.key_attention(self.key_head(features).to(features.dtype))
         return F.normalize(keys.float(), dim=-1), teacher_logits
+
+    def _shuffle_bn(self) -> bool:
+        """Whether this training step runs the teacher with Shuffle-BN (needs several processes)."""
+        if not (self.config.shuffle_bn and self.training):
+            return False
+        if world_size() == 1:
+            if not getattr(self, "_warned_shuffle_bn", False):
+                warnings.warn("shuffle_bn needs several processes; with one, the teacher keeps its running BN "
+                              "statistics (the default behaviour).")
+                self._warned_shuffle_bn = True
+            return False
+        return True
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The key-side tensors and the query-side tensors they track, in matching order.
@@ -207,15 +235,6 @@ def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) ->
 def _build(config, classifier: bool) -> PreTrainedModel:
     auto = AutoModelForImageClassification if classifier else AutoModel
     return auto.from_config(config)
-
-
-def _gather_across_processes(features: torch.Tensor) -> torch.Tensor:
-    """All processes' `(B, d)` features concatenated in rank order (the input itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features
-    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, features.contiguous())
-    return torch.cat(gathered)
 
 
 AutoModel.register(MoMAConfig, MoMAForDistillation)

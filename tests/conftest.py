@@ -83,15 +83,23 @@ def small_moma():
         return MoMAForDistillation.from_student_and_teacher(student, teacher, teacher_labels, **config)
 
     return build
-def make_trainer(small_moma, nct_mini_dir, output_dir, **overrides):
-    """A MoMATrainer for 30 steps of a tiny timm student and ViT teacher on nct-crc-mini at 64 px."""
+def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher="vit", **overrides):
+    """A MoMATrainer for 30 steps of a tiny timm student and ViT teacher on nct-crc-mini at 64 px.
+
+    `streaming` streams the folder instead; `teacher="same"` gives a teacher with the student's architecture and
+    weights (so the key pathway is a momentum copy, BN statistics included) instead of the frozen ViT.
+    """
+    import copy
+
+    from transformers import set_seed
+
     from moma_hf import MoMATrainer, MoMATrainingArguments
     from moma_hf.cli import DataArguments, build_collators
     from moma_hf.data import label_names, load_patch_dataset
     from moma_hf.students import build_student
     from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    dataset = load_patch_dataset(str(nct_mini_dir), "train", streaming=False)
+    dataset = load_patch_dataset(str(nct_mini_dir), "train", streaming=streaming, seed=0)
     names = label_names(dataset)
     settings = dict(
         output_dir=str(output_dir), max_steps=30, per_device_train_batch_size=16, learning_rate=2e-3,
@@ -99,8 +107,10 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, **overrides):
         report_to="none", use_cpu=True, seed=0, queue_size=32, projection_dim=32,
     )
     args = MoMATrainingArguments(**{**settings, **overrides})
+    set_seed(args.seed)  # as examples/distill.py does: the same seed builds the same models
     student, processor = build_student("test_resnet", dict(enumerate(names)), image_size=64)
-    model = small_moma(student, tiny_vit(names=names), **args.moma_config_kwargs())
+    teacher = copy.deepcopy(student) if teacher == "same" else tiny_vit(names=names)
+    model = small_moma(student, teacher, **args.moma_config_kwargs())
     data_args = DataArguments(train_dir=str(nct_mini_dir), randaugment="", stain_jitter=0.0)
     train_collator, eval_collator = build_collators(data_args, 64, len(names), (IMAGENET_MEAN, IMAGENET_STD),
                                                     ([0.5] * 3, [0.5] * 3))
@@ -117,3 +127,37 @@ def hub(tmp_path, monkeypatch):
         hub_env(monkeypatch, server, tmp_path / "hf_home")
         yield server
 # ---- end of model fixtures ----------------------------------------------------------------------------
+
+
+# ---- multi-process launches (issue 5) ------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for the launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(script, *args, timeout=280):
+    """Run `script` under `accelerate launch --multi_gpu --num_processes 2` as 2 gloo CPU processes.
+
+    Returns the CompletedProcess after asserting it exited 0 (its stderr tail is the assertion message).
+    """
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), *map(str, args),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
