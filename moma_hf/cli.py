@@ -102,9 +102,11 @@ def load_datasets(data_args: DataArguments, streaming: bool, seed: int = 42):
     return train, evaluation, names
 
 
-def build_collators(data_args: DataArguments, image_size: int, num_labels: int, student_norm, teacher_norm=None):
+def build_collators(data_args: DataArguments, image_size: int, num_labels: int, student_norm, teacher_norm=None,
+                    seed: int = 0):
     """`(train_collator, eval_collator)`: augmentation and two normalisations for training, resize for eval.
 
+    `seed` seeds the training augmentation (see `PatchCollator`); pass the run's `--seed`.
     `teacher_norm` is dropped when it equals `student_norm`, so the teacher reuses the student's tensor.
     """
     if teacher_norm is not None and [list(x) for x in teacher_norm] == [list(x) for x in student_norm]:
@@ -113,7 +115,7 @@ def build_collators(data_args: DataArguments, image_size: int, num_labels: int, 
     train = PatchCollator(
         build_train_transform(image_size, randaugment=data_args.randaugment or None,
                               stain_jitter=data_args.stain_jitter),
-        student_norm, teacher_norm, **common,
+        student_norm, teacher_norm, seed=seed, **common,
     )
     evaluation = PatchCollator(build_eval_transform(image_size), student_norm, None, **common)
     return train, evaluation

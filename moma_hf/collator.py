@@ -6,8 +6,11 @@ size (the gathered key queue needs it). Once the bad fraction passes `max_bad_fr
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -59,10 +62,16 @@ class PatchCollator:
         max_bad_fraction: the largest tolerated fraction of undecodable images.
         min_samples_for_threshold: the fraction is only checked after this many images, so that one bad
             file among the first few does not stop a run.
+        seed: base seed of the augmentation draws (the run's ``--seed``).
 
     Returns (from ``__call__``):
         ``{"pixel_values": (B, 3, H, W) float32, "teacher_pixel_values": (B, 3, H, W) float32,
         "labels": (B,) int64}``.
+
+    Augmentation is reproducible: each image's random draws are seeded from ``(seed, epoch, the image's path or
+    bytes, its slot in the batch)``, not from the global random state. A resumed run therefore augments every
+    image exactly as the uninterrupted run did, whatever the Trainer skipped, prefetched or handed to
+    DataLoader workers. :class:`~moma_hf.MoMATrainer` calls :meth:`set_epoch` before each epoch.
 
     A corrupt or truncated image is skipped with a :class:`BadImageWarning` naming its path (or its
     position in this collator's stream) and counted in ``num_seen``/``num_bad``/``bad_files``. Distributed
@@ -80,6 +89,7 @@ class PatchCollator:
         num_labels: int | None = None,
         max_bad_fraction: float = 0.01,
         min_samples_for_threshold: int = 100,
+        seed: int = 0,
     ):
         self.transform = transform
         self.student_norm = _as_norm(student_norm)
@@ -87,9 +97,15 @@ class PatchCollator:
         self.num_labels = num_labels
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_for_threshold = min_samples_for_threshold
+        self.seed = seed
+        self.epoch = 0
         self.num_seen = 0
         self.num_bad = 0
         self.bad_files: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other augmentations in each epoch (DataLoader workers copy this when an epoch starts)."""
+        self.epoch = int(epoch)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Collate ``examples`` (dicts with ``image`` and ``label``) into model inputs; see the class docstring."""
@@ -107,14 +123,33 @@ class PatchCollator:
                 image = None
             decoded.append((image, label))
         self._record(len(examples), bad)
-        good = [pair for pair in decoded if pair[0] is not None]
-        filled = [pair if pair[0] is not None else good[slot % len(good)] for slot, pair in enumerate(decoded)]
-        pixels = torch.stack([self.transform(image) for image, _ in filled]).float()
+        good = [i for i, (image, _) in enumerate(decoded) if image is not None]
+        sources = [i if decoded[i][0] is not None else good[i % len(good)] for i in range(len(decoded))]
+        crops = []
+        with _preserved_global_rng():
+            for slot, source in enumerate(sources):
+                _seed_everything(self._sample_seed(examples[source]["image"], slot))
+                crops.append(self.transform(decoded[source][0]))
+        pixels = torch.stack(crops).float()
+        filled = [decoded[source] for source in sources]
         batch = {"pixel_values": self._normalise(pixels, self.student_norm)}
         if self.teacher_norm is not None:
             batch["teacher_pixel_values"] = self._normalise(pixels, self.teacher_norm)
         batch["labels"] = torch.tensor([label for _, label in filled], dtype=torch.int64)
         return batch
+
+    def _sample_seed(self, image: Any, slot: int) -> int:
+        """A 63-bit seed from the run seed, the epoch, the image's identity and its slot in the batch."""
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{slot}/".encode(), digest_size=8)
+        if isinstance(image, dict) and image.get("path"):
+            digest.update(str(image["path"]).encode())
+        elif isinstance(image, dict) and image.get("bytes"):
+            digest.update(image["bytes"])
+        elif isinstance(image, (str, os.PathLike)):
+            digest.update(str(image).encode())
+        else:  # a decoded PIL image
+            digest.update(np.asarray(image).tobytes())
+        return int.from_bytes(digest.digest(), "little") >> 1
 
     @staticmethod
     def _normalise(pixels: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -147,3 +182,22 @@ class PatchCollator:
                 "Clean the data (remove or re-export these files), or raise --max_bad_image_fraction "
                 "if losing them is acceptable."
             )
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch (torchvision transforms), ``random`` (timm RandAugment) and numpy for one image."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextmanager
+def _preserved_global_rng():
+    """Leave the process's random states as they were: seeding per image must not touch dropout's draws."""
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])

@@ -1,0 +1,62 @@
+"""Resume is exact: 20 steps, a crash, then 20 resumed steps give the model of 40 straight steps, bit for bit.
+
+"The model" is the whole MoMA state: student, key pathway (teacher, g_T, A_k), queue, pointer and fill. The
+data position resumes too: map-style data through the Trainer's sampler, streamed data through the stream.
+Augmentation is seeded per image (see `PatchCollator`), so the resumed run also draws the same crops.
+"""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_trainer
+
+
+class _Crash(TrainerCallback):
+    """Kill the run once `at_step` steps are done, after their checkpoint, losing everything in memory."""
+
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _state(trainer):
+    return {name: tensor.detach().clone() for name, tensor in trainer.moma_model.state_dict().items()}
+
+
+def _assert_bit_identical(resumed, straight):
+    assert resumed.keys() == straight.keys()
+    different = [name for name in straight if not torch.equal(resumed[name], straight[name])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
+
+
+@pytest.mark.parametrize("streaming, teacher", [(False, "same"), (True, "vit")], ids=["map-momentum", "stream-frozen"])
+def test_resuming_from_step_20_gives_the_straight_40_step_model(small_moma, nct_mini_dir, tmp_path, streaming,
+                                                                 teacher):
+    settings = dict(streaming=streaming, teacher=teacher, max_steps=40, save_steps=20, logging_steps=5)
+    straight = make_trainer(small_moma, nct_mini_dir, tmp_path / "straight", **settings)
+    straight.train()
+    expected = _state(straight)
+    if not streaming:  # 129 patches make 8 batches of 16: 40 steps cross epochs (new shuffles, augmentations)
+        assert straight.state.epoch == 5.0
+
+    first = make_trainer(small_moma, nct_mini_dir, tmp_path / "resumed", **settings)
+    first.add_callback(_Crash(at_step=20))
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-20"]
+
+    second = make_trainer(small_moma, nct_mini_dir, tmp_path / "resumed", **settings)
+    second.train(resume_from_checkpoint=True)
+    resumed = _state(second)
+
+    assert second.state.global_step == 40
+    queue = second.moma_model.key_queue
+    assert queue.queue_ptr.item() == 40 * 16 % queue.size and queue.queue_len.item() == queue.size
+    _assert_bit_identical(resumed, expected)
+    straight_losses = [h["loss"] for h in straight.state.log_history if "loss" in h and h["step"] > 20]
+    resumed_losses = [h["loss"] for h in second.state.log_history if "loss" in h and h["step"] > 20]
+    assert resumed_losses == straight_losses
