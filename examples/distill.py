@@ -7,20 +7,25 @@
         --max_steps 20000 --output_dir phikon-resnet18-nct --push_to_hub
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.utils import logging
 
 from moma_hf import MoMAForDistillation, MoMATrainer, MoMATrainingArguments
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.hub import push_student
 from moma_hf.model_card import MoMAModelCardData
 from moma_hf.students import build_student
 from moma_hf.teachers import load_teacher
 from moma_hf.transforms import normalization_from_processor
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
+logger = logging.get_logger("distill")
 
 
 @dataclass
@@ -32,7 +37,8 @@ class CardArguments:
     dataset_citation: str | None = field(default=None, metadata={"help": "Attribution text for the data."})
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run the distillation job; returns the process exit code."""
     data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv, DEMO_CONFIG)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
@@ -50,7 +56,8 @@ def main(argv=None):
         student, teacher.model, teacher.id2label, **args.moma_config_kwargs()
     )
     train_collator, eval_collator = build_collators(
-        data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std)
+        data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std),
+        seed=args.seed,
     )
     card = MoMAModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
@@ -63,13 +70,19 @@ def main(argv=None):
         compute_metrics=make_compute_metrics(len(labels)), model_card_data=card,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if trainer.stopped_by_signal:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same command "
+                       f"plus --resume_from_checkpoint {checkpoint}")
+        return PREEMPTED_EXIT_CODE
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
     trainer.save_model()
     trainer.create_model_card()
     if args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"MoMA student distilled from {args.teacher_model_name_or_path}")
+        push_student(trainer, f"MoMA student distilled from {args.teacher_model_name_or_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

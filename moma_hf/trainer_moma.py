@@ -8,14 +8,16 @@ optimiser step, per-term logging, and the export of the student alone.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .configuration_moma import TEACHER_UPDATES
+from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
 
 METHODS = ("moma", "moma-noattn")
 LOSS_TERMS = ("loss_ce", "loss_kd", "loss_moma")
@@ -56,6 +58,10 @@ class MoMATrainingArguments(TrainingArguments):
     )
     w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
     kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
+    shuffle_bn: bool = field(
+        default=False, metadata={"help": "Momentum teachers on several processes: BatchNorm on a batch shuffled "
+                                 "across processes (MoCo's Shuffle-BN) instead of running statistics."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs images."})
     hub_strategy: str = field(default="end", metadata={"help": "Only 'end' is supported: the student is pushed."})
@@ -101,14 +107,16 @@ class MoMATrainingArguments(TrainingArguments):
             w_kd=self.w_kd,
             w_moma=self.w_moma,
             kd_temperature=self.kd_temperature,
+            shuffle_bn=self.shuffle_bn,
             global_batch_size=self.global_batch_size,
             teacher_name_or_path=self.teacher_model_name_or_path,
             teacher_revision=self.teacher_model_revision,
         )
 
 
-class _MomentumQueueCallback(TrainerCallback):
-    """After every optimiser step: EMA of the key pathway, then enqueue the step's gathered keys."""
+class _MoMAStepCallback(TrainerCallback):
+    """After every optimiser step: EMA of the key pathway, then enqueue the step's gathered keys. Before every
+    epoch: tell the collator the epoch, which seeds its augmentation (see `PatchCollator`)."""
 
     def __init__(self, trainer: "MoMATrainer"):
         self.trainer = trainer
@@ -116,14 +124,20 @@ class _MomentumQueueCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.finish_optimizer_step()
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "set_epoch"):
+            self.trainer.data_collator.set_epoch(int(state.epoch or 0))
+
 
 class MoMATrainer(Trainer):
     """A `Trainer` for `MoMAForDistillation`.
 
     It overrides only `compute_loss` (collect keys and loss terms), `log` (add the terms and the queue fill),
-    `_save` (export the student alone outside `checkpoint-*`), `create_model_card` (a MoMA card) and
-    `_get_dataloader` (evaluation may use its own `eval_data_collator`). Keys are
-    gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
+    `_save` (export the student alone outside `checkpoint-*`), `_save_checkpoint` (write atomically),
+    `create_model_card` (a MoMA card) and `_get_dataloader` (evaluation may use its own `eval_data_collator`).
+    Keys are gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
+    A NaN/Inf loss term raises `NonFiniteLossError` before the weights change; SIGTERM saves a checkpoint and
+    stops, after which `stopped_by_signal` is True (see `fault_tolerance.py`).
     """
 
     def __init__(self, *args, eval_data_collator=None, model_card_data=None, **kwargs):
@@ -134,7 +148,15 @@ class MoMATrainer(Trainer):
         self._pending_keys: list[torch.Tensor] = []
         self._term_sums: torch.Tensor | None = None
         self._term_steps = 0
-        self.add_callback(_MomentumQueueCallback(self))
+        self._staging_root: str | None = None
+        self.add_callback(_MoMAStepCallback(self))
+        self.step_guard = StepGuard(self.accelerator, ("loss", *LOSS_TERMS))
+        self.add_callback(self.step_guard)
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """True when the last `train()` stopped early on SIGTERM (after saving a checkpoint)."""
+        return self.step_guard.stopped_by_signal
 
     @property
     def moma_model(self):
@@ -147,6 +169,7 @@ class MoMATrainer(Trainer):
         if model.training:
             self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
             terms = torch.stack([outputs[name].detach().float() for name in LOSS_TERMS])
+            self.step_guard.record(torch.cat([outputs.loss.detach().float().reshape(1), terms]))
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -195,6 +218,35 @@ class MoMATrainer(Trainer):
         # JSON, not the pickled args: it redacts tokens and never needs unpickling.
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the Trainer writes it into the staging folder.
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `checkpoint-N` into a staging folder, then rename it into place once every process is done."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # left by a crash mid-save
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(staging_root):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging_root, name, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every process's RNG file is in before the folder goes live
+        if self.args.should_save:
+            publish_checkpoint(os.path.join(staging_root, name), os.path.join(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Write the MoMA model card (not the Trainer's generic one) into `output_dir`."""
