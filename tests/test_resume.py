@@ -60,3 +60,30 @@ def test_resuming_from_step_20_gives_the_straight_40_step_model(small_moma, nct_
     straight_losses = [h["loss"] for h in straight.state.log_history if "loss" in h and h["step"] > 20]
     resumed_losses = [h["loss"] for h in second.state.log_history if "loss" in h and h["step"] > 20]
     assert resumed_losses == straight_losses
+
+
+@pytest.mark.timeout(600)
+def test_the_command_line_continues_from_checkpoint_20_to_the_straight_runs_student(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the demo config names its teacher and data relative to the repository
+    spec = importlib.util.spec_from_file_location("distill", REPO / "examples" / "distill.py")
+    distill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(distill)
+    flags = ["--max_steps", "40", "--lr_scheduler_type", "constant", "--save_steps", "20", "--report_to", "none",
+             "--per_device_train_batch_size", "8",
+             "--disable_tqdm", "true"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert distill.main(flags + ["--output_dir", str(straight)]) == 0
+    # A run that stopped at step 20 left only its checkpoint behind.
+    shutil.copytree(straight / "checkpoint-20", resumed / "checkpoint-20")
+    assert distill.main(flags + ["--resume_from_checkpoint", str(resumed / "checkpoint-20"),
+                                 "--output_dir", str(resumed)]) == 0
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
