@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .streaming import EPOCH_KEY
 from .transforms import load_rgb_image
 
 
@@ -71,7 +72,8 @@ class PatchCollator:
     Augmentation is reproducible: each image's random draws are seeded from ``(seed, epoch, the image's path or
     bytes, its slot in the batch)``, not from the global random state. A resumed run therefore augments every
     image exactly as the uninterrupted run did, whatever the Trainer skipped, prefetched or handed to
-    DataLoader workers. :class:`~moma_hf.MoMATrainer` calls :meth:`set_epoch` before each epoch.
+    DataLoader workers. :class:`~moma_hf.MoMATrainer` calls :meth:`set_epoch` before each epoch; examples of
+    an :class:`~moma_hf.streaming.EndlessStream` carry their own epoch.
 
     A corrupt or truncated image is skipped with a :class:`BadImageWarning` naming its path (or its
     position in this collator's stream) and counted in ``num_seen``/``num_bad``/``bad_files``. Distributed
@@ -128,7 +130,8 @@ class PatchCollator:
         crops = []
         with _preserved_global_rng():
             for slot, source in enumerate(sources):
-                _seed_everything(self._sample_seed(examples[source]["image"], slot))
+                epoch = examples[source].get(EPOCH_KEY, self.epoch)  # a stream's examples carry their epoch
+                _seed_everything(self._sample_seed(examples[source]["image"], slot, epoch))
                 crops.append(self.transform(decoded[source][0]))
         pixels = torch.stack(crops).float()
         filled = [decoded[source] for source in sources]
@@ -138,9 +141,9 @@ class PatchCollator:
         batch["labels"] = torch.tensor([label for _, label in filled], dtype=torch.int64)
         return batch
 
-    def _sample_seed(self, image: Any, slot: int) -> int:
+    def _sample_seed(self, image: Any, slot: int, epoch: int) -> int:
         """A 63-bit seed from the run seed, the epoch, the image's identity and its slot in the batch."""
-        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{slot}/".encode(), digest_size=8)
+        digest = hashlib.blake2b(f"{self.seed}/{epoch}/{slot}/".encode(), digest_size=8)
         if isinstance(image, dict) and image.get("path"):
             digest.update(str(image["path"]).encode())
         elif isinstance(image, dict) and image.get("bytes"):

@@ -12,11 +12,13 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .configuration_moma import TEACHER_UPDATES
+from .streaming import EndlessStream
 from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
 
 METHODS = ("moma", "moma-noattn")
@@ -67,7 +69,8 @@ class MoMATrainingArguments(TrainingArguments):
     hub_strategy: str = field(default="end", metadata={"help": "Only 'end' is supported: the student is pushed."})
     dataloader_drop_last: bool = field(
         default=True, metadata={"help": "Drop a short last training batch: batch attention and BN need full ones "
-                                "(evaluation never drops)."}
+                                "(evaluation never drops). Streams never have short batches: they run as one "
+                                "endless epoch (see streaming.py)."}
     )
 
     def __post_init__(self):
@@ -177,6 +180,8 @@ class MoMATrainer(Trainer):
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
         if is_training:
+            if isinstance(dataset, datasets.IterableDataset):
+                dataset = EndlessStream(dataset)  # exact resume of streams, and no short batches
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
         drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # evaluate every sample

@@ -87,3 +87,15 @@ def test_the_command_line_continues_from_checkpoint_20_to_the_straight_runs_stud
     expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_stream_trains_as_one_endless_sequence_of_reshuffled_epochs(nct_mini_dir):
+    from moma_hf.data import load_patch_dataset
+    from moma_hf.streaming import EPOCH_KEY, EndlessStream
+
+    examples = iter(EndlessStream(load_patch_dataset(str(nct_mini_dir), "train", streaming=True, seed=0)))
+    seen = [next(examples) for _ in range(2 * 129 + 5)]
+    assert [e[EPOCH_KEY] for e in seen] == [0] * 129 + [1] * 129 + [2] * 5
+    first, second = ([e["image"]["path"] for e in seen[i * 129:(i + 1) * 129]] for i in (0, 1))
+    assert len(set(first)) == 129 and sorted(first) == sorted(second)  # each epoch is the whole set once
+    assert first != second  # in another order
