@@ -142,22 +142,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(script, *args, timeout=280):
-    """Run `script` under `accelerate launch --multi_gpu --num_processes 2` as 2 gloo CPU processes.
-
-    Returns the CompletedProcess after asserting it exited 0 (its stderr tail is the assertion message).
-    """
+def launch_env() -> dict:
+    """The environment of launched workers: gloo on CPU, one thread each, the repository importable."""
     import os
-    import subprocess
+
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def launch_command(script, *args) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2 script args` as 2 gloo CPU processes (with `launch_env`)."""
     import sys
 
-    command = [
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script), *map(str, args),
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_two_processes(script, *args, timeout=280):
+    """Run `launch_command(script, *args)`; returns the CompletedProcess after asserting it exited 0."""
+    import subprocess
+
+    result = subprocess.run(launch_command(script, *args), env=launch_env(), capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -1,11 +1,7 @@
 """Tests for moma_hf.data on the real H&E patches in ../shared/data (read-only: we write only to tmp_path)."""
 import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 import warnings
 from collections import Counter
@@ -29,7 +25,8 @@ from moma_hf.data import (
 )
 from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, launch_two_processes
+
 NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 HALF = ((0.5,) * 3, (0.5,) * 3)
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
@@ -152,12 +149,6 @@ def test_split_dataset_by_node_is_disjoint_and_complete(nct_mini_dir):
         assert abs(len(parts[0]) - len(parts[1])) <= 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_two_process_launch_dispatches_disjoint_batches(nct_mini_dir, tmp_path):
@@ -166,16 +157,7 @@ def test_two_process_launch_dispatches_disjoint_batches(nct_mini_dir, tmp_path):
     _nct_files(even)[-1].unlink()
     out = tmp_path / "out"
     out.mkdir()
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        str(REPO / "tests" / "_data_launch_worker.py"), "--data", str(even), str(nct_mini_dir), "--out", str(out),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_processes(REPO / "tests" / "_data_launch_worker.py", "--data", even, nct_mini_dir, "--out", out)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in ranks] == [2, 2] and "MULTI_CPU" in ranks[0]["distributed_type"]
     (even0, full0), (even1, full1) = ranks[0]["datasets"], ranks[1]["datasets"]

@@ -36,8 +36,6 @@ running statistics twice per step when accumulating).
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +44,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_vit
+from conftest import REPO, launch_command, launch_env, tiny_vit
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_distributed_worker.py"
 B, STEPS, K = 4, 6, 32  # per-device batch, optimiser steps, queue size
 G = 2 * B  # the global batch: keys enqueued per step
@@ -67,12 +64,6 @@ CASES = {
 TIMEOUT = 420  # seconds for one subprocess; 4 of them run at once on 2 cores
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Run:
@@ -102,17 +93,15 @@ class Run:
 def runs(tmp_path_factory):
     """Launch, for every case, the 2-process run and the 1-process reference, all at once; load their records."""
     root = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = launch_env()
     jobs = {}
     for case, spec in CASES.items():
-        for kind, prefix in (("launch", launch + ["--main_process_port", str(_free_port())]), ("reference", [])):
+        for kind in ("launch", "reference"):
             out = root / case / kind
             out.mkdir(parents=True)
-            command = [*(prefix or [sys.executable]), str(WORKER), "--out", str(out), "--steps", str(STEPS),
-                       "--queue_size", str(K), *spec["model"], *spec[kind]]
+            args = ["--out", out, "--steps", STEPS, "--queue_size", K, *spec["model"], *spec[kind]]
+            command = launch_command(WORKER, *args) if kind == "launch" else [sys.executable, str(WORKER),
+                                                                             *map(str, args)]
             log = open(out / "log.txt", "w")
             jobs[case, kind] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
     try:
