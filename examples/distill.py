@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if trainer.stopped_by_signal:
         checkpoint = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same command "
-                       f"plus --resume_from_checkpoint {checkpoint}")
+        if trainer.is_world_process_zero():
+            logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same "
+                           f"command plus --resume_from_checkpoint {checkpoint}")
         return PREEMPTED_EXIT_CODE
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
