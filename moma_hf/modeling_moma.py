@@ -131,6 +131,10 @@ class MoMAForDistillation(PreTrainedModel):
             teacher_pixel_values: `(B, 3, H, W)` the same crops normalised for the teacher; defaults to
                 `pixel_values` when both share a normalisation.
         """
+        if self.training:
+            # Teacher first: its no-grad activations are freed before the student's forward, instead of
+            # sitting on top of the student's saved activations (benchmarks/memory.py).
+            keys, teacher_logits = self._keys(pixel_values if teacher_pixel_values is None else teacher_pixel_values)
         features, logits = pooled_features(self.student, pixel_values)
         zero = logits.new_zeros((), dtype=torch.float32)
         loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else zero
@@ -138,7 +142,6 @@ class MoMAForDistillation(PreTrainedModel):
             # Only loss and logits, so the Trainer's prediction step hands compute_metrics the bare logits.
             return MoMAOutput(loss=self.config.w_ce * loss_ce, logits=logits)
         query = self.query_attention(self.query_head(features))
-        keys, teacher_logits = self._keys(pixel_values if teacher_pixel_values is None else teacher_pixel_values)
         loss_moma = info_nce(query, keys, self.key_queue.queue, self.config.contrastive_temperature,
                              self.key_queue.valid_mask())
         loss_kd = zero
