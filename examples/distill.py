@@ -14,11 +14,12 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from moma_hf import MoMAForDistillation, MoMATrainer, MoMATrainingArguments
+from moma_hf import MoMATrainer, MoMATrainingArguments
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
 from moma_hf.hub import push_student
 from moma_hf.model_card import MoMAModelCardData
+from moma_hf.modeling_baselines import distillation_model_class
 from moma_hf.students import build_student
 from moma_hf.teachers import load_teacher
 from moma_hf.transforms import normalization_from_processor
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
     student, processor = build_student(args.student_model_name_or_path, dict(enumerate(labels)), teacher=teacher,
                                        image_size=image_size, token=args.hub_token,
                                        trust_remote_code=args.trust_remote_code)
-    model = MoMAForDistillation.from_student_and_teacher(
-        student, teacher.model, teacher.id2label, **args.moma_config_kwargs()
+    model = distillation_model_class(args.method).from_student_and_teacher(
+        student, None if args.method == "ce" else teacher.model, teacher.id2label, **args.moma_config_kwargs()
     )
     train_collator, eval_collator = build_collators(
         data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std),

@@ -7,6 +7,11 @@ from typing import Any
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 TEACHER_UPDATES = ("auto", "momentum", "frozen")
+MOMA_METHODS = ("moma", "moma-noattn")
+BASELINE_METHODS = ("ce", "kd", "dkd", "fitnet", "rkd", "crd")
+METHODS = MOMA_METHODS + BASELINE_METHODS
+# Weights of the feature term of each feature baseline, as tuned in the CRD authors' benchmark (RepDistiller).
+DEFAULT_FEATURE_WEIGHTS = {"fitnet": 100.0, "rkd": 1.0, "crd": 0.8}
 
 
 class MoMAConfig(PretrainedConfig):
@@ -33,6 +38,10 @@ class MoMAConfig(PretrainedConfig):
         kd_temperature: T_kd of the logit-KD term.
         teacher_id2label: the teacher's own label names, when it has a classifier head.
         global_batch_size: when known, checked against `queue_size` (the queue must hold one global batch).
+        method: "moma" (also "moma-noattn", set by `use_attention`) or a baseline of `BASELINE_METHODS`, which
+            `BaselineForDistillation` runs: "ce" (no teacher), "kd", "dkd" (the logit term replaces KD, weighted
+            by `w_kd`), "fitnet", "rkd", "crd" (a feature term weighted by `w_feature`).
+        w_feature: weight of a feature baseline's term; None takes `DEFAULT_FEATURE_WEIGHTS`.
         shuffle_bn: momentum teachers only. With several processes, the teacher's BatchNorm layers use the
             statistics of a batch shuffled across processes (MoCo's Shuffle-BN) instead of their running
             statistics; see `moma_hf.distributed.shuffled_forward`.
@@ -61,6 +70,8 @@ class MoMAConfig(PretrainedConfig):
         teacher_id2label: dict | None = None,
         global_batch_size: int | None = None,
         shuffle_bn: bool = False,
+        method: str = "moma",
+        w_feature: float | None = None,
         **kwargs: Any,
     ):
         self.student_config = _as_dict(student_config)
@@ -80,12 +91,21 @@ class MoMAConfig(PretrainedConfig):
         self.teacher_id2label = {int(k): v for k, v in teacher_id2label.items()} if teacher_id2label else None
         self.global_batch_size = global_batch_size
         self.shuffle_bn = shuffle_bn
+        self.method = "moma-noattn" if method == "moma" and not use_attention else method
+        self.w_feature = DEFAULT_FEATURE_WEIGHTS.get(method, 0.0) if w_feature is None else w_feature
         super().__init__(**kwargs)
         if self.student_config is not None and "id2label" not in kwargs:
             self.id2label = dict(self.build_student_config().id2label)
             self.label2id = {v: k for k, v in self.id2label.items()}
-        self.w_kd = (1.0 if self.same_label_space else 0.0) if w_kd is None else w_kd
+        self.w_kd = self._default_w_kd() if w_kd is None else w_kd
         self.validate_moma()
+
+    def _default_w_kd(self) -> float:
+        # MoMA adds KD exactly when it can (same labels); KD and DKD are nothing without it; the other
+        # baselines are compared pure, as in their papers.
+        if self.method in MOMA_METHODS:
+            return 1.0 if self.same_label_space else 0.0
+        return 1.0 if self.method in ("kd", "dkd") else 0.0
 
     @property
     def same_label_space(self) -> bool:
@@ -96,6 +116,8 @@ class MoMAConfig(PretrainedConfig):
 
     def validate_moma(self) -> None:
         """Reject settings that cannot work, with the reason and the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
         if self.projection_dim <= 0 or self.projection_dim % self.num_attention_heads:
             raise ValueError(
                 f"projection_dim={self.projection_dim} must be a positive multiple of "
@@ -112,13 +134,14 @@ class MoMAConfig(PretrainedConfig):
                 f"queue_size={self.queue_size} is smaller than the global batch ({self.global_batch_size} = "
                 "per-device batch x processes x accumulation): raise queue_size or lower the batch."
             )
-        if min(self.w_ce, self.w_kd, self.w_moma) < 0:
-            raise ValueError("Loss weights w_ce, w_kd and w_moma must be >= 0.")
+        if min(self.w_ce, self.w_kd, self.w_moma, self.w_feature) < 0:
+            raise ValueError("Loss weights w_ce, w_kd, w_moma and w_feature must be >= 0.")
         if self.w_kd > 0 and not self.same_label_space:
             raise ValueError(
                 f"w_kd={self.w_kd} needs a teacher whose labels equal the student's, but the teacher has "
                 f"{_names(self.teacher_id2label) or 'no classifier head'} and the student "
-                f"{_names(self.id2label)}. Set w_kd=0 (MoMA's feature term still transfers knowledge)."
+                f"{_names(self.id2label)}. Set w_kd=0 (MoMA's feature term still transfers knowledge), or pick a "
+                "feature method (moma, fitnet, rkd, crd) instead of kd/dkd."
             )
 
     def build_student_config(self) -> PretrainedConfig:

@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import backbone_tensors, feature_dim, pooled_features
@@ -21,6 +21,7 @@ from .configuration_moma import MoMAConfig
 from .distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .heads import BatchAttention, FixedProjection, ProjectionHead
 from .key_queue import KeyQueue
+from .modeling_base import DistillationPreTrainedModel, build_network
 from .losses import info_nce, kd_loss
 
 
@@ -45,7 +46,7 @@ class MoMAOutput(ModelOutput):
     contrastive_keys: torch.Tensor | None = None
 
 
-class MoMAForDistillation(PreTrainedModel):
+class MoMAForDistillation(DistillationPreTrainedModel):
     """MoMA distillation of a teacher into a student image classifier.
 
     Args:
@@ -59,18 +60,12 @@ class MoMAForDistillation(PreTrainedModel):
     they never change (`g_T` is then a `FixedProjection` fitted to the first micro-batch, gathered from every process).
     """
 
-    config_class = MoMAConfig
-    base_model_prefix = "moma"
-    main_input_name = "pixel_values"
-    _supports_sdpa = True
-    # The loss is a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
-    # gradient-accumulation steps (forward's **kwargs would otherwise make it assume we do).
-    accepts_loss_kwargs = False
+    loss_terms = ("loss_ce", "loss_kd", "loss_moma")
 
     def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
-        self.student = student if student is not None else _build(config.build_student_config(), True)
-        self.teacher = teacher if teacher is not None else _build(
+        self.student = student if student is not None else build_network(config.build_student_config(), True)
+        self.teacher = teacher if teacher is not None else build_network(
             config.build_teacher_config(), config.teacher_id2label is not None
         )
         self.teacher.requires_grad_(False)
@@ -94,27 +89,6 @@ class MoMAForDistillation(PreTrainedModel):
         self.key_attention.requires_grad_(False)
         self.key_queue = KeyQueue(config.queue_size, dim)
         self.post_init()
-
-    @classmethod
-    def from_student_and_teacher(
-        cls, student: PreTrainedModel, teacher: PreTrainedModel, teacher_id2label: dict | None = None, **config_kwargs
-    ) -> "MoMAForDistillation":
-        """Wrap built networks; `config_kwargs` are `MoMAConfig` fields (see `MoMATrainingArguments`)."""
-        config = MoMAConfig(
-            student_config=student.config, teacher_config=teacher.config, teacher_id2label=teacher_id2label,
-            **config_kwargs,
-        )
-        return cls(config, student=student, teacher=teacher)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.
-        pass
-
-    def train(self, mode: bool = True) -> "MoMAForDistillation":
-        """Train mode for the query side; the teacher always runs in eval mode (fixed BN statistics, no dropout)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(
         self,
@@ -233,11 +207,6 @@ def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) ->
             "teacher_update='frozen' for a cross-architecture teacher."
         )
     return mode
-
-
-def _build(config, classifier: bool) -> PreTrainedModel:
-    auto = AutoModelForImageClassification if classifier else AutoModel
-    return auto.from_config(config)
 
 
 AutoModel.register(MoMAConfig, MoMAForDistillation)

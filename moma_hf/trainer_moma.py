@@ -17,12 +17,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .configuration_moma import TEACHER_UPDATES
+from .configuration_moma import METHODS, TEACHER_UPDATES
 from .streaming import EndlessStream
 from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
 
-METHODS = ("moma", "moma-noattn")
-LOSS_TERMS = ("loss_ce", "loss_kd", "loss_moma")
 
 
 @dataclass
@@ -46,7 +44,10 @@ class MoMATrainingArguments(TrainingArguments):
         metadata={"help": "Student: Hub id or path of an image classifier, a timm architecture name built from "
                   "scratch (e.g. resnet18), or 'same-as-teacher'."},
     )
-    method: str = field(default="moma", metadata={"help": f"Distillation method, one of {METHODS}."})
+    method: str = field(
+        default="moma", metadata={"help": f"Distillation method, one of {METHODS}: MoMA, its no-attention ablation, "
+                                  "or a baseline (ce = no teacher)."}
+    )
     teacher_update: str = field(default="auto", metadata={"help": f"One of {TEACHER_UPDATES}."})
     projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
     attention_heads: int = field(default=4, metadata={"help": "Heads of the batch-axis attention."})
@@ -60,6 +61,9 @@ class MoMATrainingArguments(TrainingArguments):
     )
     w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
     kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
+    w_feature: float | None = field(
+        default=None, metadata={"help": "Weight of the fitnet/rkd/crd term; default 100/1/0.8 (RepDistiller)."}
+    )
     shuffle_bn: bool = field(
         default=False, metadata={"help": "Momentum teachers on several processes: BatchNorm on a batch shuffled "
                                  "across processes (MoCo's Shuffle-BN) instead of running statistics."}
@@ -110,6 +114,8 @@ class MoMATrainingArguments(TrainingArguments):
             w_kd=self.w_kd,
             w_moma=self.w_moma,
             kd_temperature=self.kd_temperature,
+            method=self.method,
+            w_feature=self.w_feature,
             shuffle_bn=self.shuffle_bn,
             global_batch_size=self.global_batch_size,
             teacher_name_or_path=self.teacher_model_name_or_path,
@@ -153,7 +159,8 @@ class MoMATrainer(Trainer):
         self._term_steps = 0
         self._staging_root: str | None = None
         self.add_callback(_MoMAStepCallback(self))
-        self.step_guard = StepGuard(self.accelerator, ("loss", *LOSS_TERMS))
+        self.loss_terms = self.moma_model.loss_terms
+        self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))
         self.add_callback(self.step_guard)
 
     @property
@@ -170,8 +177,9 @@ class MoMATrainer(Trainer):
         """The model's weighted loss; in training, also stash the gathered keys and the unweighted terms."""
         outputs = model(**inputs)
         if model.training:
-            self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
-            terms = torch.stack([outputs[name].detach().float() for name in LOSS_TERMS])
+            if outputs.contrastive_keys is not None:
+                self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
+            terms = torch.stack([outputs[name].detach().float() for name in self.loss_terms])
             self.step_guard.record(torch.cat([outputs.loss.detach().float().reshape(1), terms]))
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1
@@ -192,20 +200,20 @@ class MoMATrainer(Trainer):
 
     def finish_optimizer_step(self) -> None:
         """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
-        if not self._pending_keys:
-            return
         moma = self.moma_model
         moma.momentum_update()
-        moma.enqueue(torch.cat(self._pending_keys))
-        self._pending_keys.clear()
+        if self._pending_keys:
+            moma.enqueue(torch.cat(self._pending_keys))
+            self._pending_keys.clear()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss term since the last log, across processes, and the queue fill level."""
         if "loss" in logs and self._term_steps:
             means = self.accelerator.reduce(self._term_sums / self._term_steps, reduction="mean")
-            logs.update({name: round(value, 4) for name, value in zip(LOSS_TERMS, means.tolist())})
-            queue = self.moma_model.key_queue
-            logs["queue_fill"] = round(queue.queue_len.item() / queue.size, 4)
+            logs.update({name: round(value, 4) for name, value in zip(self.loss_terms, means.tolist())})
+            queue = getattr(self.moma_model, "key_queue", None)
+            if queue is not None:
+                logs["queue_fill"] = round(queue.queue_len.item() / queue.size, 4)
             self._term_sums, self._term_steps = None, 0
         super().log(logs, start_time)
 

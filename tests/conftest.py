@@ -71,16 +71,19 @@ def tiny_vit(names=NCT_CLASSES, classifier=True):
 
 @pytest.fixture
 def small_moma():
-    """Factory: a MoMA model with small D and K around the given student and teacher."""
-    from moma_hf import MoMAForDistillation
+    """Factory: the distillation model of `method` (default MoMA) with small D and K around student and teacher."""
     from moma_hf.backbones import classifier_head
+    from moma_hf.modeling_baselines import distillation_model_class
 
     def build(student=None, teacher=None, **config):
         student = student or timm_classifier()
         teacher = teacher or tiny_vit()
         teacher_labels = dict(teacher.config.id2label) if classifier_head(teacher) else None
         config = {"projection_dim": 32, "num_attention_heads": 4, "queue_size": 64, **config}
-        return MoMAForDistillation.from_student_and_teacher(student, teacher, teacher_labels, **config)
+        method = config.get("method", "moma")
+        return distillation_model_class(method).from_student_and_teacher(
+            student, None if method == "ce" else teacher, teacher_labels, **config
+        )
 
     return build
 def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher="vit", **overrides):

@@ -1,0 +1,64 @@
+"""What every distillation model of this package shares: a student, a frozen-or-momentum teacher, one module.
+
+`MoMAForDistillation` and `BaselineForDistillation` both derive from `DistillationPreTrainedModel`, so the
+trainer, checkpoints and export treat every `--method` the same way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
+
+from .configuration_moma import MoMAConfig
+
+
+class DistillationPreTrainedModel(PreTrainedModel):
+    """Base of the distillation models: construction from built networks, and a teacher kept in eval mode.
+
+    Subclasses set `loss_terms` (the names of the unweighted terms their output carries, logged by the
+    trainer) and implement `forward`, `momentum_update()` and `enqueue(keys)` (no-ops where not needed).
+    """
+
+    config_class = MoMAConfig
+    base_model_prefix = "moma"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+    # The loss is a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
+    # gradient-accumulation steps (forward's **kwargs would otherwise make it assume we do).
+    accepts_loss_kwargs = False
+    loss_terms: tuple[str, ...] = ()
+
+    @classmethod
+    def from_student_and_teacher(
+        cls, student: PreTrainedModel, teacher: PreTrainedModel | None, teacher_id2label: dict | None = None,
+        **config_kwargs,
+    ) -> "DistillationPreTrainedModel":
+        """Wrap built networks; `config_kwargs` are `MoMAConfig` fields (see `MoMATrainingArguments`)."""
+        config = MoMAConfig(
+            student_config=student.config, teacher_config=teacher.config if teacher is not None else None,
+            teacher_id2label=teacher_id2label, **config_kwargs,
+        )
+        return cls(config, student=student, teacher=teacher)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.
+        pass
+
+    def train(self, mode: bool = True) -> "DistillationPreTrainedModel":
+        """Train mode for the student side; the teacher always runs in eval mode (fixed BN, no dropout)."""
+        super().train(mode)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.eval()
+        return self
+
+    def momentum_update(self) -> None:
+        """After each optimiser step: update EMA copies (none by default)."""
+
+    def enqueue(self, keys) -> None:
+        """After each optimiser step: store the step's gathered `contrastive_keys` (nothing by default)."""
+
+
+def build_network(config, classifier: bool) -> PreTrainedModel:
+    """A student or teacher rebuilt from its own config (random weights; checkpoints load over them)."""
+    auto = AutoModelForImageClassification if classifier else AutoModel
+    return auto.from_config(config)
