@@ -32,5 +32,5 @@ setup(
         "matplotlib>=3.8",
         "tensorboard>=2.15",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"]},  # scipy: benchmark statistics
 )

@@ -1,0 +1,190 @@
+"""Which distillation strategy for which task: every method on the same labelled subsets, seeds and budget.
+
+    python benchmarks/compare_methods.py --config examples/configs/scenario_same_task.yaml
+    python benchmarks/compare_methods.py --config ... --methods ce moma --seeds 0 1 2 --output_dir out/cmp
+
+A scenario YAML names the data folder (imagefolder with train/ and test/), the teacher (a model path, or the
+recipe to train one on the teacher's part of the training set), the student architecture, the label budget,
+the methods, the seeds and the `examples/distill.py` flags shared by every run.
+
+The comparison is paired: for one seed every method sees the same labelled subset, the same data order and
+the same student initialisation (all drawn from the seed), so the per-seed difference to `ce` isolates the
+method. Beside mean +- std per method it reports the mean paired difference to `ce` with its 95% t-interval.
+Writes `results.csv`, `results.md` and `results.png` into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def list_images(folder: Path) -> dict[str, list[Path]]:
+    """`{class name: sorted image paths}` of an imagefolder split."""
+    return {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for d in sorted(folder.iterdir()) if d.is_dir()}
+
+
+def link_subset(files: dict[str, list[Path]], out: Path, grouping: dict[str, str] | None = None) -> Path:
+    """An imagefolder of symlinks to `files` (optionally relabelled by `grouping`: class -> new class)."""
+    for label, paths in files.items():
+        target = out / (grouping or {}).get(label, label)
+        target.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            link = target / f"{label}_{path.name}"
+            if not link.exists():
+                os.symlink(path.resolve(), link)
+    return out
+
+
+def stratified_split(files: dict[str, list[Path]], fraction: float, seed: int):
+    """`(chosen, rest)`: `fraction` of each class drawn with `seed` (at least one image a class), and the rest."""
+    chosen, rest = {}, {}
+    for label, paths in files.items():
+        shuffled = list(paths)
+        random.Random(f"{seed}/{label}").shuffle(shuffled)
+        count = max(1, round(fraction * len(shuffled)))
+        chosen[label], rest[label] = sorted(shuffled[:count]), sorted(shuffled[count:])
+    return chosen, rest
+
+
+def prepare_teacher(spec: dict, teacher_part: Path, work: Path) -> str:
+    """The teacher's path: `spec["path"]` as is, or a teacher trained once on `teacher_part` per `spec`."""
+    if "path" in spec:
+        return str(REPO / spec["path"]) if not Path(spec["path"]).is_absolute() else spec["path"]
+    out = work / "teacher"
+    if not (out / "config.json").exists():
+        data = link_subset(list_images(teacher_part), work / "teacher_data", spec.get("grouping"))
+        flags = [f"--{k}={v}" for k, v in spec.get("train_args", {}).items()]
+        _load_example("train_teacher").main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"])
+    return str(out)
+
+
+def run_method(method: str, seed: int, train_dir: Path, test_dir: Path, teacher: str, config: dict,
+               out: Path) -> dict[str, float]:
+    """Distil (or train, for `ce`) one student with `examples/distill.py`; its test metrics."""
+    results = out / "eval_results.json"
+    if not results.exists():
+        flags = {**config.get("distill_args", {}), "method": method, "seed": seed, "data_seed": seed,
+                 "train_dir": train_dir, "validation_dir": test_dir, "teacher_model_name_or_path": teacher,
+                 "student_model_name_or_path": config["student"], "output_dir": out, "report_to": "none",
+                 "save_strategy": "no", "disable_tqdm": True}
+        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()])
+        if code:
+            raise RuntimeError(f"{method} seed {seed} stopped with exit code {code}")
+    import json
+
+    metrics = json.loads(results.read_text())
+    return {name: float(metrics[f"eval_{name}"]) for name in METRICS}
+
+
+def t_quantile(dof: int) -> float:
+    """The 97.5% quantile of Student's t with `dof` degrees of freedom (for a two-sided 95% interval)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def summarise(rows: list[dict], methods: list[str], out: Path, title: str) -> str:
+    """Write `results.md` (mean +- std per method, paired difference to ce with 95% CI) and `results.png`."""
+    by = defaultdict(dict)
+    for row in rows:
+        by[row["method"]][row["seed"]] = row
+    seeds = sorted({row["seed"] for row in rows})
+    lines = [f"# {title}", "", f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); test-split metrics in %.", "",
+             "| method | " + " | ".join(METRICS) + " | macro_f1 - ce (paired, 95% CI) |",
+             "| --- |" + " --- |" * (len(METRICS) + 1)]
+    for method in methods:
+        cells = []
+        for metric in METRICS:
+            values = np.array([by[method][s][metric] for s in seeds]) * 100
+            cells.append(f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}")
+        if method == "ce" or "ce" not in by:
+            paired = "—"
+        else:
+            diff = np.array([by[method][s]["macro_f1"] - by["ce"][s]["macro_f1"] for s in seeds]) * 100
+            half = t_quantile(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            paired = f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    _plot(by, methods, seeds, out / "results.png", title)
+    return table
+
+
+def _plot(by, methods, seeds, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.5))
+    for offset, metric in zip((-0.2, 0.2), ("accuracy", "macro_f1")):
+        values = [[by[m][s][metric] * 100 for s in seeds] for m in methods]
+        ax.bar(np.arange(len(methods)) + offset, [np.mean(v) for v in values], width=0.4, label=metric,
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], capsize=3)
+    ax.set_xticks(np.arange(len(methods)), methods)
+    ax.set_ylabel("% on the test split")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> str:
+    """Run the comparison a scenario YAML describes; returns the markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--methods", nargs="+", help="Override the scenario's methods.")
+    parser.add_argument("--seeds", nargs="+", type=int, help="Override the scenario's seeds (at least 3).")
+    parser.add_argument("--output_dir", type=Path, help="Default: outputs/compare/<config name>.")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text())
+    methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
+    out = args.output_dir or REPO / "outputs" / "compare" / args.config.stem
+    data = Path(config["data_dir"]) if Path(config["data_dir"]).is_absolute() else REPO / config["data_dir"]
+    teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
+    teacher = prepare_teacher(config["teacher"], link_subset(teacher_files, out / "data" / "teacher_part"), out)
+    test_dir = data / "test"
+    if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
+        test_files, _ = stratified_split(list_images(test_dir), config["test_fraction"], 0)
+        test_dir = link_subset(test_files, out / "data" / "test_part")
+    rows = []
+    for seed in seeds:
+        labelled, _ = stratified_split(student_pool, config["label_budget"], seed)
+        train_dir = link_subset(labelled, out / "data" / f"labelled_seed{seed}")
+        for method in methods:
+            metrics = run_method(method, seed, train_dir, test_dir, teacher, config, out / f"seed{seed}" / method)
+            rows.append({"method": method, "seed": seed, **metrics})
+            print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", "seed", *METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarise(rows, methods, out, config.get("title", args.config.stem))
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
