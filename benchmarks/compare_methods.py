@@ -145,7 +145,7 @@ def _plot(by, methods, seeds, path: Path, title: str) -> None:
     ax.set_xticks(np.arange(len(methods)), methods)
     ax.set_ylabel("% on the test split")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
