@@ -40,6 +40,17 @@ class DistillationPreTrainedModel(PreTrainedModel):
         )
         return cls(config, student=student, teacher=teacher)
 
+    def _attach_networks(self, student, teacher, with_teacher: bool = True) -> None:
+        """Set `self.student` and a frozen `self.teacher` (None without one), rebuilding any not given."""
+        config = self.config
+        self.student = student if student is not None else build_network(config.build_student_config(), True)
+        self.teacher = None
+        if with_teacher:
+            self.teacher = teacher if teacher is not None else build_network(
+                config.build_teacher_config(), config.teacher_id2label is not None
+            )
+            self.teacher.requires_grad_(False)
+
     def _init_weights(self, module: nn.Module) -> None:
         # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.
         pass

@@ -21,7 +21,7 @@ from .baseline_losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
 from .configuration_moma import BASELINE_METHODS, MoMAConfig
 from .key_queue import KeyQueue
 from .losses import kd_loss
-from .modeling_base import DistillationPreTrainedModel, build_network
+from .modeling_base import DistillationPreTrainedModel
 
 _FEATURE_TERMS = {"fitnet": "loss_fitnet", "rkd": "loss_rkd", "crd": "loss_crd"}
 
@@ -66,14 +66,8 @@ class BaselineForDistillation(DistillationPreTrainedModel):
         if config.method not in BASELINE_METHODS:
             raise ValueError(f"BaselineForDistillation runs {BASELINE_METHODS}; use MoMAForDistillation for "
                              f"{config.method!r}.")
-        self.student = student if student is not None else build_network(config.build_student_config(), True)
-        self.teacher, self.teacher_update = None, "no"  # teacher_update: for the model card
-        if config.method != "ce":
-            self.teacher_update = "frozen"
-            self.teacher = teacher if teacher is not None else build_network(
-                config.build_teacher_config(), config.teacher_id2label is not None
-            )
-            self.teacher.requires_grad_(False)
+        self._attach_networks(student, teacher, with_teacher=config.method != "ce")
+        self.teacher_update = "no" if self.teacher is None else "frozen"  # for the model card
         method, terms = config.method, ["loss_ce"]
         if config.w_kd > 0 and method != "ce":
             terms.append("loss_dkd" if method == "dkd" else "loss_kd")

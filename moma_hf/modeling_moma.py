@@ -21,7 +21,7 @@ from .configuration_moma import MoMAConfig
 from .distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .heads import BatchAttention, FixedProjection, ProjectionHead
 from .key_queue import KeyQueue
-from .modeling_base import DistillationPreTrainedModel, build_network
+from .modeling_base import DistillationPreTrainedModel
 from .losses import info_nce, kd_loss
 
 
@@ -64,11 +64,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
 
     def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
-        self.student = student if student is not None else build_network(config.build_student_config(), True)
-        self.teacher = teacher if teacher is not None else build_network(
-            config.build_teacher_config(), config.teacher_id2label is not None
-        )
-        self.teacher.requires_grad_(False)
+        self._attach_networks(student, teacher)
         self.teacher_update = resolve_teacher_update(config.teacher_update, self.student, self.teacher)
         if config.shuffle_bn and self.teacher_update != "momentum":
             raise ValueError(
