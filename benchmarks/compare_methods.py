@@ -20,6 +20,7 @@ import csv
 import importlib.util
 import os
 import random
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -79,18 +80,28 @@ def prepare_teacher(spec: dict, teacher_part: Path, work: Path) -> str:
     return str(out)
 
 
-def run_method(method: str, seed: int, train_dir: Path, test_dir: Path, teacher: str, config: dict,
+def variant_dir(variant: str) -> str:
+    """The folder of a method variant: "moma --w_kd 0" runs in "moma_w_kd_0"."""
+    return "_".join(token.lstrip("-") for token in shlex.split(variant))
+
+
+def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher: str, config: dict,
                out: Path) -> dict[str, float]:
-    """Distil (or train, for `ce`) one student with `examples/distill.py`; its test metrics."""
+    """Distil (or train, for `ce`) one student with `examples/distill.py`; its test metrics.
+
+    `variant` is a method name, optionally followed by `distill.py` flags that override the scenario's, such as
+    "moma --attention_residual false".
+    """
+    method, *extra = shlex.split(variant)
     results = out / "eval_results.json"
     if not results.exists():
         flags = {**config.get("distill_args", {}), "method": method, "seed": seed, "data_seed": seed,
                  "train_dir": train_dir, "validation_dir": test_dir, "teacher_model_name_or_path": teacher,
                  "student_model_name_or_path": config["student"], "output_dir": out, "report_to": "none",
                  "save_strategy": "no", "disable_tqdm": True}
-        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()])
+        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + extra)
         if code:
-            raise RuntimeError(f"{method} seed {seed} stopped with exit code {code}")
+            raise RuntimeError(f"{variant} seed {seed} stopped with exit code {code}")
     import json
 
     metrics = json.loads(results.read_text())
@@ -151,6 +162,25 @@ def _plot(by, methods, seeds, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list[Path]]]:
+    """`(teacher, test_dir, student_pool)` of a scenario: the teacher (trained once on its reserved part of the
+    training split), the fixed test part, and the training images left for students."""
+    data = Path(config["data_dir"]) if Path(config["data_dir"]).is_absolute() else REPO / config["data_dir"]
+    teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
+    teacher = prepare_teacher(config["teacher"], link_subset(teacher_files, out / "data" / "teacher_part"), out)
+    test_dir = data / "test"
+    if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
+        test_files, _ = stratified_split(list_images(test_dir), config["test_fraction"], 0)
+        test_dir = link_subset(test_files, out / "data" / "test_part")
+    return teacher, test_dir, student_pool
+
+
+def labelled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path) -> Path:
+    """The folder of the labelled images that every method gets for `seed`."""
+    labelled, _ = stratified_split(student_pool, config["label_budget"], seed)
+    return link_subset(labelled, out / "data" / f"labelled_seed{seed}")
+
+
 def main(argv=None) -> str:
     """Run the comparison a scenario YAML describes; returns the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -162,19 +192,13 @@ def main(argv=None) -> str:
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
     out = args.output_dir or REPO / "outputs" / "compare" / args.config.stem
-    data = Path(config["data_dir"]) if Path(config["data_dir"]).is_absolute() else REPO / config["data_dir"]
-    teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
-    teacher = prepare_teacher(config["teacher"], link_subset(teacher_files, out / "data" / "teacher_part"), out)
-    test_dir = data / "test"
-    if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
-        test_files, _ = stratified_split(list_images(test_dir), config["test_fraction"], 0)
-        test_dir = link_subset(test_files, out / "data" / "test_part")
+    teacher, test_dir, student_pool = prepare_scenario(config, out)
     rows = []
     for seed in seeds:
-        labelled, _ = stratified_split(student_pool, config["label_budget"], seed)
-        train_dir = link_subset(labelled, out / "data" / f"labelled_seed{seed}")
+        train_dir = labelled_subset(student_pool, config, seed, out)
         for method in methods:
-            metrics = run_method(method, seed, train_dir, test_dir, teacher, config, out / f"seed{seed}" / method)
+            metrics = run_method(method, seed, train_dir, test_dir, teacher, config,
+                                 out / f"seed{seed}" / variant_dir(method))
             rows.append({"method": method, "seed": seed, **metrics})
             print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     with open(out / "results.csv", "w", newline="") as f:

@@ -33,6 +33,9 @@ class MoMAConfig(PretrainedConfig):
         momentum: m of the EMA `key <- m * key + (1 - m) * query`.
         teacher_update: "momentum", "frozen" or "auto" (momentum when the backbones have identical shapes).
         use_attention: False gives the `moma-noattn` ablation (heads only, no batch attention).
+        attention_residual: the batch attention outputs `normalize(x + attention(x))` instead of
+            `normalize(attention(x))`; without it all keys collapse to one direction at initialisation (see
+            `BatchAttention`). False reproduces the reference code's default attention.
         w_ce, w_moma: weights of the cross-entropy and contrastive terms.
         w_kd: weight of the logit-KD term; None means 1 when the teacher's labels equal the student's, else 0.
         kd_temperature: T_kd of the logit-KD term.
@@ -63,6 +66,7 @@ class MoMAConfig(PretrainedConfig):
         momentum: float = 0.999,
         teacher_update: str = "auto",
         use_attention: bool = True,
+        attention_residual: bool = True,
         w_ce: float = 1.0,
         w_kd: float | None = None,
         w_moma: float = 1.0,
@@ -85,6 +89,7 @@ class MoMAConfig(PretrainedConfig):
         self.momentum = momentum
         self.teacher_update = teacher_update
         self.use_attention = use_attention
+        self.attention_residual = attention_residual
         self.w_ce = w_ce
         self.w_moma = w_moma
         self.kd_temperature = kd_temperature

@@ -63,13 +63,20 @@ class BatchAttention(nn.Module):
 
     Each of the `B` embeddings attends over the others of its batch: the batch is treated as one sequence.
     Input and output are `(B, D)`; the output is re-normalised, which the reference code forgets.
+
+    With `residual`, the output is `normalize(x + attention(x))`. Without it, a freshly initialised attention
+    weighs the batch almost uniformly (unit-norm inputs give near-zero logits), so every sample's output is
+    the same batch mean: measured cosine 1.000 between different samples' keys, and `A_k`, an EMA with
+    m = 0.999, stays there for thousands of steps (`benchmarks/diagnose_attention.py`). The residual keeps each
+    sample's own embedding and lets attention add batch context to it.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, residual: bool = True):
         super().__init__()
         self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.residual = residual
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         sequence = embeddings.unsqueeze(0)
-        attended = self.attention(sequence, sequence, sequence, need_weights=False)[0]
-        return F.normalize(attended.squeeze(0), dim=-1)
+        attended = self.attention(sequence, sequence, sequence, need_weights=False)[0].squeeze(0)
+        return F.normalize(embeddings + attended if self.residual else attended, dim=-1)

@@ -78,7 +78,9 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             self.key_head.load_state_dict(self.query_head.state_dict())
         else:
             self.key_head = FixedProjection(feature_dim(self.teacher), dim)
-        attention = (lambda: BatchAttention(dim, config.num_attention_heads)) if config.use_attention else nn.Identity
+        attention = nn.Identity
+        if config.use_attention:
+            attention = lambda: BatchAttention(dim, config.num_attention_heads, config.attention_residual)  # noqa: E731
         self.query_attention, self.key_attention = attention(), attention()
         self.key_attention.load_state_dict(self.query_attention.state_dict())
         self.key_head.requires_grad_(False)

@@ -59,6 +59,10 @@ class MoMATrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Weight of logit KD; default 1 when the teacher has the student's labels, "
                                 "else 0."}
     )
+    attention_residual: bool = field(
+        default=True, metadata={"help": "Batch attention outputs normalize(x + attention(x)); False gives the "
+                                "reference code's normalize(attention(x)), whose keys collapse at init."}
+    )
     w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
     kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
     w_feature: float | None = field(
@@ -110,6 +114,7 @@ class MoMATrainingArguments(TrainingArguments):
             momentum=self.momentum,
             teacher_update=self.teacher_update,
             use_attention=self.method != "moma-noattn",
+            attention_residual=self.attention_residual,
             w_ce=self.w_ce,
             w_kd=self.w_kd,
             w_moma=self.w_moma,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import NCT_CLASSES, timm_classifier, tiny_vit
 from moma_hf import MoMAConfig, MoMAForDistillation
+from moma_hf.backbones import pooled_features
 from moma_hf.key_queue import KeyQueue
 from moma_hf.losses import info_nce, kd_loss
 
@@ -111,6 +112,32 @@ def test_frozen_mode_fits_g_t_once_and_keeps_the_teacher_fixed(small_moma, nct_t
     model(pixel_values=pixels[16:32], labels=labels[16:32])
     assert torch.equal(model.key_head.weight, weight)
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters()))
+
+
+def _mean_pairwise_cosine(rows):
+    gram = F.normalize(rows, dim=-1) @ F.normalize(rows, dim=-1).T
+    return float((gram.sum() - gram.diagonal().sum()) / (len(rows) * (len(rows) - 1)))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_batch_attention_keeps_each_sample_only_with_its_residual(small_moma, nct_tensors, residual):
+    # The defect benchmarks/diagnose_attention.py found: at initialisation, attention without a residual gives
+    # every sample the same output, so InfoNCE cannot tell a key from the queued negatives.
+    torch.manual_seed(0)
+    model = small_moma(teacher=tiny_vit(classifier=False), attention_residual=residual).train()
+    pixels, labels = nct_tensors
+    with torch.no_grad():
+        out = model(pixel_values=pixels[:32], labels=labels[:32])
+        features, _ = pooled_features(model.teacher, pixels[:32])
+        before = model.key_head(features)
+    expected = model.key_attention.attention(before[None], before[None], before[None])[0][0]
+    expected = F.normalize(before + expected if residual else expected, dim=-1)
+    torch.testing.assert_close(out.contrastive_keys, expected)
+    similarity = _mean_pairwise_cosine(out.contrastive_keys)
+    if residual:
+        assert similarity < _mean_pairwise_cosine(before) + 0.2
+    else:
+        assert similarity > 0.99
 
 
 def test_config_rejects_impossible_values():
