@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,16 @@ class MoMATrainingArguments(TrainingArguments):
     shuffle_bn: bool = field(
         default=False, metadata={"help": "Momentum teachers on several processes: BatchNorm on a batch shuffled "
                                  "across processes (MoCo's Shuffle-BN) instead of running statistics."}
+    )
+    cache_teacher_features: bool = field(
+        default=False, metadata={"help": "Frozen teachers: compute the teacher's outputs for --cache_views views of "
+                                 "every training image once, then distil with no teacher forward."}
+    )
+    cache_views: int = field(default=4, metadata={"help": "Augmented views per image in the teacher-feature cache; "
+                                                  "epoch e trains on view e % cache_views."})
+    teacher_feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the cache lives (reused when it matches the run); default "
+                                "OUTPUT_DIR/teacher-feature-cache."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs images."})
@@ -163,6 +174,8 @@ class MoMATrainer(Trainer):
         self._term_sums: torch.Tensor | None = None
         self._term_steps = 0
         self._staging_root: str | None = None
+        self._data_wait = 0.0  # seconds spent waiting for batches since the last log
+        self._window_start: float | None = None
         self.add_callback(_MoMAStepCallback(self))
         self.loss_terms = self.moma_model.loss_terms
         self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))
@@ -203,6 +216,16 @@ class MoMATrainer(Trainer):
         finally:
             self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the next step's batches, timing the wait: `log` reports it as `data_wait_fraction`."""
+        start = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = start
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            self._data_wait += time.perf_counter() - start
+
     def finish_optimizer_step(self) -> None:
         """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
         moma = self.moma_model
@@ -220,6 +243,12 @@ class MoMATrainer(Trainer):
             if queue is not None:
                 logs["queue_fill"] = round(queue.queue_len.item() / queue.size, 4)
             self._term_sums, self._term_steps = None, 0
+        if "loss" in logs and self._window_start is not None:
+            # Host time blocked on the DataLoader over wall time since the last log (this process's view): near
+            # 0 when the workers keep up, near 1 when data is the bottleneck.
+            now = time.perf_counter()
+            logs["data_wait_fraction"] = round(self._data_wait / max(now - self._window_start, 1e-9), 4)
+            self._data_wait, self._window_start = 0.0, now
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

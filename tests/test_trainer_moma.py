@@ -14,7 +14,8 @@ def test_a_30_step_run_lowers_the_loss_logs_every_term_and_exports_the_student(s
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 30
-    assert all({"loss_ce", "loss_kd", "loss_moma", "queue_fill"} <= h.keys() for h in logs)
+    assert all({"loss_ce", "loss_kd", "loss_moma", "queue_fill", "data_wait_fraction"} <= h.keys() for h in logs)
+    assert all(0 <= h["data_wait_fraction"] <= 1 for h in logs)
     assert logs[0]["queue_fill"] == 0.5 and logs[-1]["queue_fill"] == 1.0  # 16 keys a step into 32 slots
     # From step 3 on the queue is full, so the contrastive term has its final number of negatives.
     first, last = sum(h["loss"] for h in logs[2:7]) / 5, sum(h["loss"] for h in logs[-5:]) / 5
@@ -37,3 +38,23 @@ def test_a_30_step_run_lowers_the_loss_logs_every_term_and_exports_the_student(s
         torch.testing.assert_close(student(pixel_values=pixels).logits, moma.student(pixel_values=pixels).logits)
     assert "hub_token" not in (tmp_path / "training_args.json").read_text() or "<HUB_TOKEN>" in (
         tmp_path / "training_args.json").read_text()
+
+
+def test_data_wait_fraction_is_the_time_spent_fetching_batches(small_moma, nct_mini_dir, tmp_path):
+    import time
+
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path)
+
+    def slow_batches():
+        while True:
+            time.sleep(0.3)  # a DataLoader that keeps the step waiting
+            yield {}
+
+    batches = slow_batches()
+    for _ in range(2):
+        trainer.get_batch_samples(batches, 1, "cpu")
+        time.sleep(0.1)  # the step's compute
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    # 0.6 s waiting in a window of 0.8 s, from the first fetch to the log
+    assert 0.6 <= logs["data_wait_fraction"] <= 0.85, logs
