@@ -17,6 +17,7 @@ from transformers.utils import logging
 from moma_hf import MoMATrainer, MoMATrainingArguments
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.feature_cache import attach_feature_cache
 from moma_hf.hub import push_student
 from moma_hf.model_card import MoMAModelCardData
 from moma_hf.modeling_baselines import distillation_model_class
@@ -60,6 +61,10 @@ def main(argv=None) -> int:
         data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std),
         seed=args.seed,
     )
+    if args.cache_teacher_features:
+        facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
+                 "image_size": image_size, "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
+        train_dataset = attach_feature_cache(model, train_dataset, train_collator, args, facts)
     card = MoMAModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
         dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,

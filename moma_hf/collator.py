@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .feature_cache import ROW_KEY
 from .streaming import EPOCH_KEY
 from .transforms import load_rgb_image
 
@@ -64,6 +65,11 @@ class PatchCollator:
         min_samples_for_threshold: the fraction is only checked after this many images, so that one bad
             file among the first few does not stop a run.
         seed: base seed of the augmentation draws (the run's ``--seed``).
+        views: when set, an image gets one of ``views`` fixed augmentations: in epoch ``e`` the draws of view
+            ``e % views``, seeded from the run seed, the view and the image alone (not its slot), so a
+            teacher-feature cache built with the same collator holds the teacher's output for this very crop.
+        feature_cache: a :class:`~moma_hf.feature_cache.TeacherFeatureCache` built for ``views``; the batch then
+            carries the cached ``teacher_features`` (and ``teacher_logits``) instead of ``teacher_pixel_values``.
 
     Returns (from ``__call__``):
         ``{"pixel_values": (B, 3, H, W) float32, "teacher_pixel_values": (B, 3, H, W) float32,
@@ -92,6 +98,8 @@ class PatchCollator:
         max_bad_fraction: float = 0.01,
         min_samples_for_threshold: int = 100,
         seed: int = 0,
+        views: int | None = None,
+        feature_cache=None,
     ):
         self.transform = transform
         self.student_norm = _as_norm(student_norm)
@@ -100,6 +108,10 @@ class PatchCollator:
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_for_threshold = min_samples_for_threshold
         self.seed = seed
+        self.views = views
+        self.feature_cache = feature_cache
+        if feature_cache is not None and feature_cache.views != views:
+            raise ValueError(f"The feature cache holds {feature_cache.views} views; the collator was given {views}.")
         self.epoch = 0
         self.num_seen = 0
         self.num_bad = 0
@@ -127,21 +139,26 @@ class PatchCollator:
         self._record(len(examples), bad)
         good = [i for i, (image, _) in enumerate(decoded) if image is not None]
         sources = [i if decoded[i][0] is not None else good[i % len(good)] for i in range(len(decoded))]
-        crops = []
+        crops, views = [], []
         with _preserved_global_rng():
             for slot, source in enumerate(sources):
                 epoch = examples[source].get(EPOCH_KEY, self.epoch)  # a stream's examples carry their epoch
+                if self.views:  # a fixed view per image: a filled slot repeats its source's crop exactly
+                    views.append(epoch % self.views)
+                    epoch, slot = f"view{views[-1]}", 0
                 _seed_everything(self._sample_seed(examples[source]["image"], slot, epoch))
                 crops.append(self.transform(decoded[source][0]))
         pixels = torch.stack(crops).float()
         filled = [decoded[source] for source in sources]
         batch = {"pixel_values": self._normalise(pixels, self.student_norm)}
-        if self.teacher_norm is not None:
+        if self.feature_cache is not None:
+            batch.update(self.feature_cache.lookup([examples[source][ROW_KEY] for source in sources], views))
+        elif self.teacher_norm is not None:
             batch["teacher_pixel_values"] = self._normalise(pixels, self.teacher_norm)
         batch["labels"] = torch.tensor([label for _, label in filled], dtype=torch.int64)
         return batch
 
-    def _sample_seed(self, image: Any, slot: int, epoch: int) -> int:
+    def _sample_seed(self, image: Any, slot: int, epoch: int | str) -> int:
         """A 63-bit seed from the run seed, the epoch, the image's identity and its slot in the batch."""
         digest = hashlib.blake2b(f"{self.seed}/{epoch}/{slot}/".encode(), digest_size=8)
         if isinstance(image, dict) and image.get("path"):

@@ -6,9 +6,11 @@ trainer, checkpoints and export treat every `--method` the same way.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
 
+from .backbones import pooled_features
 from .configuration_moma import MoMAConfig
 
 
@@ -61,6 +63,19 @@ class DistillationPreTrainedModel(PreTrainedModel):
         if getattr(self, "teacher", None) is not None:
             self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def teacher_outputs(self, pixel_values: torch.Tensor, teacher_pixel_values: torch.Tensor | None = None,
+                        teacher_features: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None):
+        """The teacher's pooled features `(B, d_t)` and logits `(B, C_t)` (None without a head).
+
+        They come from a teacher-feature cache when the batch carries `teacher_features` (see
+        `feature_cache.py`), else from one forward of the teacher on `teacher_pixel_values` (default:
+        `pixel_values`).
+        """
+        if teacher_features is not None:
+            return teacher_features, teacher_logits
+        return pooled_features(self.teacher, pixel_values if teacher_pixel_values is None else teacher_pixel_values)
 
     def momentum_update(self) -> None:
         """After each optimiser step: update EMA copies (none by default)."""

@@ -89,6 +89,8 @@ class BaselineForDistillation(DistillationPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         teacher_pixel_values: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
         **kwargs,
     ) -> DistillationOutput:
         """The student's logits and, in training, the weighted loss and its terms.
@@ -98,12 +100,13 @@ class BaselineForDistillation(DistillationPreTrainedModel):
             labels: `(B,)` class indices of the student's label space.
             teacher_pixel_values: `(B, 3, H, W)` the same crops normalised for the teacher (default:
                 `pixel_values`).
+            teacher_features, teacher_logits: `(B, d_t)` and `(B, C_t)` from a teacher-feature cache, which
+                replace the teacher's forward.
         """
-        teacher_features = teacher_logits = None
         if self.training and self.teacher is not None:
-            with torch.no_grad():  # teacher first, so its activations are freed before the student's forward
-                teacher_input = pixel_values if teacher_pixel_values is None else teacher_pixel_values
-                teacher_features, teacher_logits = pooled_features(self.teacher, teacher_input)
+            # Teacher first, so its activations are freed before the student's forward.
+            teacher_features, teacher_logits = self.teacher_outputs(
+                pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
         loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else logits.new_zeros(())
         if not self.training:

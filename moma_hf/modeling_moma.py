@@ -93,6 +93,8 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         teacher_pixel_values: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
         **kwargs,
     ) -> MoMAOutput:
         """Compute the student's logits and, in training, every MoMA loss term.
@@ -102,11 +104,16 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             labels: `(B,)` class indices of the student's label space.
             teacher_pixel_values: `(B, 3, H, W)` the same crops normalised for the teacher; defaults to
                 `pixel_values` when both share a normalisation.
+            teacher_features, teacher_logits: `(B, d_t)` and `(B, C_t)` from a teacher-feature cache (frozen
+                teachers only), which replace the teacher's forward.
         """
         if self.training:
             # Teacher first: its no-grad activations are freed before the student's forward, instead of
             # sitting on top of the student's saved activations (benchmarks/memory.py).
-            keys, teacher_logits = self._keys(pixel_values if teacher_pixel_values is None else teacher_pixel_values)
+            if teacher_features is not None and self.teacher_update != "frozen":
+                raise ValueError("Cached teacher features need a frozen teacher: a momentum teacher changes every "
+                                 "step. Use --teacher_update frozen or drop --cache_teacher_features.")
+            keys, teacher_logits = self._keys(pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
         zero = logits.new_zeros((), dtype=torch.float32)
         loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else zero
@@ -124,15 +131,18 @@ class MoMAForDistillation(DistillationPreTrainedModel):
                           contrastive_keys=keys.detach())
 
     @torch.no_grad()
-    def _keys(self, teacher_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher)."""
+    def _keys(self, pixel_values, teacher_pixel_values, teacher_features, teacher_logits):
+        """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher);
+        the arguments are `forward`'s."""
         if self._shuffle_bn():
             with batch_statistics(self.teacher):
                 features, teacher_logits = shuffled_forward(
-                    lambda x: pooled_features(self.teacher, x), teacher_pixel_values
+                    lambda x: pooled_features(self.teacher, x),
+                    pixel_values if teacher_pixel_values is None else teacher_pixel_values,
                 )
         else:
-            features, teacher_logits = pooled_features(self.teacher, teacher_pixel_values)
+            features, teacher_logits = self.teacher_outputs(pixel_values, teacher_pixel_values, teacher_features,
+                                                            teacher_logits)
         if isinstance(self.key_head, FixedProjection) and not self.key_head.fitted:
             self.key_head.fit(gather_across_processes(features), seed=self.config.queue_size)
         keys = self.key_attention(self.key_head(features).to(features.dtype))

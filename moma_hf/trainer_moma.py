@@ -103,6 +103,8 @@ class MoMATrainingArguments(TrainingArguments):
                 "--hub_strategy must be 'end': checkpoints hold the whole MoMA state (teacher, queue), not the "
                 "student, so only the exported student is pushed, once training ends."
             )
+        if self.cache_views < 1:
+            raise ValueError(f"--cache_views {self.cache_views} must be at least 1.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator reads the raw image column.")
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -159,7 +161,8 @@ class MoMATrainer(Trainer):
 
     It overrides only `compute_loss` (collect keys and loss terms), `log` (add the terms and the queue fill),
     `_save` (export the student alone outside `checkpoint-*`), `_save_checkpoint` (write atomically),
-    `create_model_card` (a MoMA card) and `_get_dataloader` (evaluation may use its own `eval_data_collator`).
+    `create_model_card` (a MoMA card), `_get_dataloader` (evaluation may use its own `eval_data_collator`) and
+    `get_batch_samples` (timed: `log` adds `data_wait_fraction`, the share of wall time spent waiting for data).
     Keys are gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
     A NaN/Inf loss term raises `NonFiniteLossError` before the weights change; SIGTERM saves a checkpoint and
     stops, after which `stopped_by_signal` is True (see `fault_tolerance.py`).
