@@ -64,9 +64,12 @@ def load_batch(data_dir: Path, batch_size: int, image_size: int):
     return pixels, labels, dict(enumerate(classes))
 
 
-def build_networks(pair: str, id2label: dict, image_size: int):
-    """``(student, teacher, teacher_id2label)`` for the "frozen" or "momentum" pair, randomly initialised."""
-    from transformers import ViTConfig, ViTModel
+def build_networks(pair: str, id2label: dict, image_size: int, vit_head: bool = False):
+    """``(student, teacher, teacher_id2label)`` for the "frozen" or "momentum" pair, randomly initialised.
+
+    With ``vit_head`` the frozen pair's ViT gets a classifier for the student's labels (so logit KD can run).
+    """
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
     from moma_hf.students import build_student
 
@@ -76,7 +79,10 @@ def build_networks(pair: str, id2label: dict, image_size: int):
         return student, copy.deepcopy(student), dict(id2label)
     # ViT-S/16 sizes; a headless backbone, like the pathology foundation models used as frozen teachers.
     config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                       image_size=image_size, patch_size=16)
+                       image_size=image_size, patch_size=16, id2label=dict(id2label),
+                       label2id={v: k for k, v in id2label.items()})
+    if vit_head:
+        return student, ViTForImageClassification(config), dict(id2label)
     return student, ViTModel(config), None
 
 

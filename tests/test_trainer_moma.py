@@ -58,3 +58,39 @@ def test_data_wait_fraction_is_the_time_spent_fetching_batches(small_moma, nct_m
     trainer.log(logs)
     # 0.6 s waiting in a window of 0.8 s, from the first fetch to the log
     assert 0.6 <= logs["data_wait_fraction"] <= 0.85, logs
+
+
+def test_bf16_runs_the_whole_moma_step_and_keeps_the_queue_in_fp32(small_moma, nct_mini_dir, tmp_path):
+    import math
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = make_trainer(small_moma, nct_mini_dir, tmp_path / precision, max_steps=4, save_strategy="no",
+                               bf16=precision == "bf16")
+        dtypes = []
+        trainer.model.query_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        trainer.train()
+        runs[precision] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        queue = trainer.moma_model.key_queue.queue
+        assert queue.dtype == torch.float32 and trainer.moma_model.key_queue.queue_len.item() == 32
+        assert torch.isfinite(queue).all()
+        torch.testing.assert_close(queue.norm(dim=1), torch.ones(32))  # enqueued keys stay unit rows
+        # the projection heads really ran under bf16 autocast (or not)
+        assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(math.isfinite(loss) for loss in runs["bf16"])
+    # The first step starts from the same weights and batch: bf16 changes its loss by rounding only.
+    assert abs(runs["bf16"][0] - runs["fp32"][0]) < 0.03 * runs["fp32"][0], runs
+
+
+def test_torch_compile_trains_the_moma_model_as_eager_does(small_moma, nct_mini_dir, tmp_path):
+    # --torch_compile compiles the whole MoMAForDistillation (pooled_features' hooks included).
+    losses = {}
+    for compiled in (False, True):
+        trainer = make_trainer(small_moma, nct_mini_dir, tmp_path / str(compiled), max_steps=2, save_strategy="no",
+                               torch_compile=compiled)
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Same weights and batch: the first step's loss agrees to kernel rounding; the second follows an optimiser
+    # step on slightly different gradients (fused kernels), so it agrees less tightly.
+    assert abs(losses[True][0] - losses[False][0]) < 1e-4 * losses[False][0]
+    assert abs(losses[True][1] - losses[False][1]) < 1e-2 * losses[False][1]
