@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoModelForImageClassification, PreTrainedM
 
 from .backbones import pooled_features
 from .configuration_moma import MoMAConfig
+from .key_queue import KeyQueue
 
 
 class DistillationPreTrainedModel(PreTrainedModel):
@@ -52,6 +53,16 @@ class DistillationPreTrainedModel(PreTrainedModel):
                 config.build_teacher_config(), config.teacher_id2label is not None
             )
             self.teacher.requires_grad_(False)
+
+    def post_init(self) -> None:
+        """transformers' post-init, then keep the key queues out of DDP's per-step buffer broadcast."""
+        super().post_init()
+        # Every process enqueues the same gathered keys, so the queues are identical by construction; DDP
+        # would otherwise re-send them from rank 0 before every forward (32 MiB at K=16384, D=512).
+        self._ddp_params_and_buffers_to_ignore = [
+            f"{module_name}.{buffer_name}" for module_name, module in self.named_modules()
+            if isinstance(module, KeyQueue) for buffer_name, _ in module.named_buffers()
+        ]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Sub-modules are initialised when built (torch defaults) or come pre-trained; never re-initialise.

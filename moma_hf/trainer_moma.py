@@ -103,6 +103,10 @@ class MoMATrainingArguments(TrainingArguments):
                 "--hub_strategy must be 'end': checkpoints hold the whole MoMA state (teacher, queue), not the "
                 "student, so only the exported student is pushed, once training ends."
             )
+        if self.ddp_find_unused_parameters is None:
+            # Every trainable parameter gets a gradient in every step unless a loss term is switched off, so DDP
+            # can skip its per-step search of the autograd graph (the Trainer turns it on for any PreTrainedModel).
+            self.ddp_find_unused_parameters = self.w_ce == 0 or self.w_moma == 0 or self.w_feature == 0
         if self.cache_views < 1:
             raise ValueError(f"--cache_views {self.cache_views} must be at least 1.")
         if self.remove_unused_columns:
@@ -170,6 +174,12 @@ class MoMATrainer(Trainer):
 
     def __init__(self, *args, eval_data_collator=None, model_card_data=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.dataloader_persistent_workers and isinstance(self.train_dataset, datasets.Dataset):
+            raise ValueError(
+                "--dataloader_persistent_workers keeps each worker's copy of the collator from the first epoch, so "
+                "every epoch would repeat epoch 0's augmentation (and view 0 of a teacher-feature cache). Drop it; "
+                "raise --dataloader_prefetch_factor instead if workers start too slowly."
+            )
         # Evaluation needs other transforms than training (no augmentation, no teacher input).
         self.eval_data_collator = eval_data_collator
         self.model_card_data = model_card_data  # a model_card.MoMAModelCardData: facts only the caller knows

@@ -207,6 +207,8 @@ def main():
         "distributed_type": str(trainer.accelerator.distributed_type),
         "wrapped_model": type(trainer.model_wrapped).__name__,
         "broadcast_buffers": getattr(trainer.model_wrapped, "broadcast_buffers", None),
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
+        "ddp_ignored": sorted(getattr(trainer.model_wrapped, "parameters_to_ignore", [])),
         "per_device_train_batch_size": args.batch_size,
         "gradient_accumulation_steps": args.grad_accum,
         "global_batch_size": training_args.global_batch_size,

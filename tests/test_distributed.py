@@ -137,6 +137,9 @@ def test_the_launch_is_two_ddp_processes_and_each_gets_its_share_of_the_global_b
         assert record["rank"] == rank and record["world_size"] == 2 and "MULTI_CPU" in record["distributed_type"]
         assert record["wrapped_model"] == "DistributedDataParallel"
         assert record["broadcast_buffers"] is (name != "moma")
+        assert record["find_unused_parameters"] is False  # every trainable parameter gets a gradient
+        # the queue is kept identical by the gathered enqueue, not by DDP's buffer broadcast
+        assert record["ddp_ignored"] == ["key_queue.queue", "key_queue.queue_len", "key_queue.queue_ptr"]
         assert record["global_batch_size"] == G
         # The collator's sample ids never reach MoMAForDistillation.forward.
         assert record["forward_kwargs"] == ["labels", "pixel_values"]

@@ -94,3 +94,13 @@ def test_torch_compile_trains_the_moma_model_as_eager_does(small_moma, nct_mini_
     # step on slightly different gradients (fused kernels), so it agrees less tightly.
     assert abs(losses[True][0] - losses[False][0]) < 1e-4 * losses[False][0]
     assert abs(losses[True][1] - losses[False][1]) < 1e-2 * losses[False][1]
+
+
+def test_persistent_workers_are_refused_for_map_style_data(small_moma, nct_mini_dir, tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="repeat epoch 0's augmentation"):
+        make_trainer(small_moma, nct_mini_dir, tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)
+    # A stream is one endless epoch whose examples carry their own epoch, so workers may persist.
+    make_trainer(small_moma, nct_mini_dir, tmp_path, streaming=True, dataloader_num_workers=1,
+                 dataloader_persistent_workers=True)
