@@ -75,13 +75,15 @@ def main(argv=None) -> int:
         data_collator=train_collator, eval_data_collator=eval_collator, processing_class=processor,
         compute_metrics=make_compute_metrics(len(labels)), model_card_data=card,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if trainer.stopped_by_signal:
         checkpoint = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         if trainer.is_world_process_zero():
             logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same "
                            f"command plus --resume_from_checkpoint {checkpoint}")
         return PREEMPTED_EXIT_CODE
+    trainer.save_metrics("train", result.metrics)  # train_results.json: runtime, samples per second, loss
+    trainer.save_state()  # trainer_state.json: the log history (loss terms, data_wait_fraction) for later reading
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
     trainer.save_model()

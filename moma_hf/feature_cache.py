@@ -13,6 +13,7 @@ an image is augmented with the draws of view `e % V`, seeded from the run seed, 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def build_feature_cache(teacher: torch.nn.Module, dataset: datasets.Dataset, col
     """
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     partial = path / (FEATURES_FILE + ".partial")
@@ -108,7 +110,9 @@ def build_feature_cache(teacher: torch.nn.Module, dataset: datasets.Dataset, col
     writer.finalize()
     writer.close()
     partial.replace(path / FEATURES_FILE)
-    (path / META_FILE).write_text(json.dumps({**info, "num_rows": len(dataset), "views": collator.views}, indent=2))
+    info = {**info, "num_rows": len(dataset), "views": collator.views,
+            "build_seconds": round(time.perf_counter() - started, 2)}  # a fact for the record, never checked
+    (path / META_FILE).write_text(json.dumps(info, indent=2))
     return TeacherFeatureCache(path)
 
 
