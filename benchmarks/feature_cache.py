@@ -66,7 +66,7 @@ def measure_speed(args, work: Path) -> dict[str, float]:
         if code:
             raise RuntimeError(f"the {name} run stopped with exit code {code}")
         runtimes[name] = json.loads((out / "train_results.json").read_text())["train_runtime"]
-    info = json.loads((work / "cached" / "teacher-feature-cache" / "cache_info.json").read_text())
+    info = json.loads((work / "cached" / "_teacher-feature-cache" / "cache_info.json").read_text())
     return {**runtimes, "build_seconds": info["build_seconds"], "images": info["num_rows"]}
 
 
@@ -77,7 +77,7 @@ def measure_accuracy(args) -> list[tuple[int, float, float]]:
     teacher, test_dir, pool = cm.prepare_scenario(config, out)
     cached = f"moma --cache_teacher_features true --cache_views {args.cache_views}"
     rows = []
-    for seed in config["seeds"]:
+    for seed in args.seeds or config["seeds"]:
         train_dir = cm.labelled_subset(pool, config, seed, out)
         scores = [cm.run_method(variant, seed, train_dir, test_dir, teacher, config,
                                 out / f"seed{seed}" / cm.variant_dir(variant))["macro_f1"]
@@ -95,16 +95,20 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--teacher", choices=tuple(VIT_SIZES), default="vit-large", help="the speed runs' teacher")
     parser.add_argument("--cache_views", type=int, default=4, help="views of the accuracy runs' caches")
     parser.add_argument("--data_dir", type=Path, default=cm.REPO.parent / "shared" / "data" / "crc-polyp-96")
+    parser.add_argument("--seeds", nargs="+", type=int, help="accuracy seeds (default: the scenario's)")
+    parser.add_argument("--skip_speed", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        speed = measure_speed(args, Path(tmp))
-    speedup = speed["uncached"] / speed["cached"]
-    print(f"{args.teacher}/16 teacher (frozen) -> ResNet-18 student, {args.image_size} px, {speed['images']} images, "
-          f"{args.epochs} epochs of batch 32\n| run | train_runtime | per epoch |\n| --- | --- | --- |")
-    for name in ("uncached", "cached"):
-        print(f"| {name} | {speed[name]:.1f} s | {speed[name] / args.epochs:.1f} s |")
-    print(f"caching pass ({args.epochs} views): {speed['build_seconds']:.1f} s")
+    speedup = float("nan")
+    if not args.skip_speed:
+        with tempfile.TemporaryDirectory() as tmp:
+            speed = measure_speed(args, Path(tmp))
+        speedup = speed["uncached"] / speed["cached"]
+        print(f"{args.teacher}/16 teacher (frozen) -> ResNet-18 student, {args.image_size} px, {speed['images']} "
+              f"images, {args.epochs} epochs of batch 32\n| run | train_runtime | per epoch |\n| --- | --- | --- |")
+        for name in ("uncached", "cached"):
+            print(f"| {name} | {speed[name]:.1f} s | {speed[name] / args.epochs:.1f} s |")
+        print(f"caching pass ({args.epochs} views): {speed['build_seconds']:.1f} s")
     delta = float("nan")
     if not args.skip_accuracy:
         rows = measure_accuracy(args)
@@ -112,7 +116,11 @@ def main(argv=None) -> tuple[float, float]:
               "macro-F1 | difference |\n| --- | --- | --- | --- |")
         for seed, plain, cached in rows:
             print(f"| {seed} | {100 * plain:.1f} | {100 * cached:.1f} | {100 * (cached - plain):+.1f} |")
-        delta = float(np.mean([100 * (cached - plain) for _, plain, cached in rows]))
+        differences = np.array([100 * (cached - plain) for _, plain, cached in rows])
+        delta = float(differences.mean())
+        if len(differences) > 1:
+            half = cm.t_quantile(len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
+            print(f"mean difference {delta:+.2f} points, 95% CI [{delta - half:+.2f}, {delta + half:+.2f}]")
     print(f"cache_speedup: {speedup:.2f}")
     print(f"cache_macro_f1_delta: {delta:+.2f}")
     return speedup, delta

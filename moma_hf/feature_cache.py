@@ -26,6 +26,7 @@ from .backbones import pooled_features
 
 ROW_KEY = "_row"  # the column `add_row_index` adds: each example's position in the training set
 FEATURES_FILE, META_FILE = "teacher_features.arrow", "cache_info.json"
+DEFAULT_DIR = "_teacher-feature-cache"  # inside output_dir; the Trainer never pushes names that start with "_"
 
 
 def add_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -136,7 +137,7 @@ def attach_feature_cache(model, train_dataset, collator, args, facts: dict[str, 
             "num_rows": len(train_dataset), "views": args.cache_views}
     train_dataset = add_row_index(train_dataset)
     collator.views = args.cache_views
-    path = Path(args.teacher_feature_cache_dir or Path(args.output_dir) / "teacher-feature-cache")
+    path = Path(args.teacher_feature_cache_dir or Path(args.output_dir) / DEFAULT_DIR)
     with args.main_process_first(desc="teacher-feature cache"):
         if args.process_index == 0 and not (path / META_FILE).exists():
             build_feature_cache(model.teacher, train_dataset, collator, path, info,

@@ -81,7 +81,7 @@ class MoMATrainingArguments(TrainingArguments):
                                                   "epoch e trains on view e % cache_views."})
     teacher_feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Where the cache lives (reused when it matches the run); default "
-                                "OUTPUT_DIR/teacher-feature-cache."}
+                                "OUTPUT_DIR/_teacher-feature-cache (the leading _ keeps it out of --push_to_hub)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs images."})

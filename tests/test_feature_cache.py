@@ -66,7 +66,7 @@ def test_distilling_from_the_cache_equals_distilling_with_the_teacher(small_moma
     assert cached_calls == 0 and calls == 6
     assert len(losses) == 6
     torch.testing.assert_close(torch.tensor(cached_losses), torch.tensor(losses), rtol=1e-3, atol=1e-4)
-    assert (tmp_path / "cached" / "teacher-feature-cache" / "cache_info.json").exists()
+    assert (tmp_path / "cached" / "_teacher-feature-cache" / "cache_info.json").exists()
 
     # Reuse checks what the cached crops depend on.
     with pytest.raises(ValueError, match="image_size: cache has 64, this run needs 96"):
