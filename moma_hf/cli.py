@@ -12,6 +12,7 @@ from transformers import HfArgumentParser
 
 from .data import PatchCollator, label_names, load_patch_dataset
 from .transforms import build_eval_transform, build_train_transform
+from .unlabelled import load_unlabelled_patches, mix_labelled_and_unlabelled
 
 
 @dataclass
@@ -33,10 +34,21 @@ class DataArguments:
     randaugment: str = field(default="rand-n2-m10-mstd0.5", metadata={"help": "timm RandAugment string, or ''."})
     stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength (0 turns it off)."})
     max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
+    unlabeled_dir: str | None = field(
+        default=None, metadata={"help": "Unlabelled patches to distil on as well: a folder of images (no class "
+                                "folders needed), or parquet/tar files without a label column."}
+    )
+    unlabeled_dataset_name: str | None = field(default=None, metadata={"help": "Unlabelled patches from the Hub."})
+    labeled_fraction: float | None = field(
+        default=None, metadata={"help": "Share of labelled examples per batch when unlabelled ones are mixed in; "
+                                "default: natural proportions (map-style data only)."}
+    )
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_dir):
             raise ValueError("Give the training data: --dataset_name (Hub id) or --train_dir (local folder/files).")
+        if self.unlabeled_dir and self.unlabeled_dataset_name:
+            raise ValueError("Give one unlabelled source: --unlabeled_dir or --unlabeled_dataset_name, not both.")
 
     def source(self, split: str) -> tuple[str, str]:
         """`(source, split)` to pass to `load_patch_dataset` for the train or evaluation split."""
@@ -90,6 +102,12 @@ def load_datasets(data_args: DataArguments, streaming: bool, seed: int = 42):
     train = load_patch_dataset(source, split, streaming=streaming, shuffle_buffer_size=data_args.shuffle_buffer_size,
                                seed=seed, **hub, **common)
     names = label_names(train)
+    unlabelled_source = data_args.unlabeled_dir or data_args.unlabeled_dataset_name
+    if unlabelled_source:
+        unlabelled = load_unlabelled_patches(unlabelled_source, names, data_args.train_split, streaming=streaming,
+                                             shuffle_buffer_size=data_args.shuffle_buffer_size, seed=seed,
+                                             image_column=data_args.image_column_name)
+        train = mix_labelled_and_unlabelled(train, unlabelled, data_args.labeled_fraction, seed)
     evaluation = None
     eval_source, eval_split = data_args.source("validation")
     if eval_source and eval_split:

@@ -60,7 +60,7 @@ class PatchCollator:
             :mod:`moma_hf.transforms`).
         student_norm, teacher_norm: ``(mean, std)``, 3 values each. ``teacher_norm=None`` (no teacher, or
             one that shares the student's input) omits ``teacher_pixel_values``.
-        num_labels: when given, a label outside ``range(num_labels)`` raises.
+        num_labels: when given, a label outside ``range(num_labels)`` raises; -1 marks an unlabelled example.
         max_bad_fraction: the largest tolerated fraction of undecodable images.
         min_samples_for_threshold: the fraction is only checked after this many images, so that one bad
             file among the first few does not stop a run.
@@ -180,8 +180,9 @@ class PatchCollator:
         hint = "Check --label_column_name and that the label set matches the model's labels."
         if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             raise ValueError(f"The label of {name} is {label!r}, not a class id. {hint}")
-        if self.num_labels is not None and not 0 <= int(label) < self.num_labels:
-            raise ValueError(f"The label {int(label)} of {name} is outside range(0, {self.num_labels}). {hint}")
+        if self.num_labels is not None and not -1 <= int(label) < self.num_labels:  # -1: an unlabelled example
+            raise ValueError(f"The label {int(label)} of {name} is outside range(0, {self.num_labels}) (or -1 for "
+                             f"an unlabelled example). {hint}")
         return int(label)
 
     def _record(self, batch_size: int, bad: list[str]) -> None:

@@ -245,6 +245,11 @@ def _folder_examples(shards: list[list[tuple[str, int]]]) -> Iterator[dict]:
 def _imagefolder_dataset(root: Path, streaming: bool):
     paths, labels, classes = _list_imagefolder(root)
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=classes)})
+    return _folder_dataset(paths, labels, features, streaming)
+
+
+def _folder_dataset(paths: list[str], labels: list[int], features: datasets.Features, streaming: bool):
+    """A dataset of image files (`paths`, read later by the collator) and their `labels`."""
     if not streaming:
         return datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": labels}, features)
     # The list in gen_kwargs is the list of shards: runs of consecutive files, so an unshuffled stream

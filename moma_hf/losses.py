@@ -44,3 +44,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled examples only; 0 (with a gradient path) when there are none.
+
+    Args:
+        logits: `(B, C)`.
+        labels: `(B,)` class indices, -1 for an unlabelled example.
+    """
+    labelled = labels >= 0
+    per_example = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    # No host sync: a batch without labels divides 0 by 1, and every parameter still gets a (zero) gradient,
+    # which DDP needs when it does not search for unused parameters.
+    return (per_example * labelled).sum() / labelled.sum().clamp(min=1)

@@ -20,7 +20,7 @@ from .backbones import feature_dim, pooled_features
 from .baseline_losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
 from .configuration_moma import BASELINE_METHODS, MoMAConfig
 from .key_queue import KeyQueue
-from .losses import kd_loss
+from .losses import kd_loss, labelled_cross_entropy
 from .modeling_base import DistillationPreTrainedModel
 
 _FEATURE_TERMS = {"fitnet": "loss_fitnet", "rkd": "loss_rkd", "crd": "loss_crd"}
@@ -108,7 +108,7 @@ class BaselineForDistillation(DistillationPreTrainedModel):
             teacher_features, teacher_logits = self.teacher_outputs(
                 pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
-        loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else logits.new_zeros(())
+        loss_ce = labelled_cross_entropy(logits, labels) if labels is not None else logits.new_zeros(())
         if not self.training:
             return DistillationOutput(loss=self.config.w_ce * loss_ce, logits=logits)
         config, keys = self.config, None
@@ -116,7 +116,7 @@ class BaselineForDistillation(DistillationPreTrainedModel):
         if "loss_kd" in self.loss_terms:
             terms["loss_kd"], weights["loss_kd"] = kd_loss(logits, teacher_logits, config.kd_temperature), config.w_kd
         if "loss_dkd" in self.loss_terms:
-            terms["loss_dkd"] = dkd_loss(logits, teacher_logits, labels, temperature=config.kd_temperature)
+            terms["loss_dkd"] = self._dkd_term(logits, teacher_logits, labels)
             weights["loss_dkd"] = config.w_kd
         if config.method in _FEATURE_TERMS:
             name = _FEATURE_TERMS[config.method]
@@ -124,6 +124,14 @@ class BaselineForDistillation(DistillationPreTrainedModel):
             weights[name] = config.w_feature
         loss = sum(weights[name] * term for name, term in terms.items())
         return DistillationOutput(loss=loss, logits=logits, contrastive_keys=keys, **terms)
+
+    def _dkd_term(self, logits, teacher_logits, labels) -> torch.Tensor:
+        """DKD over the labelled examples (its target/non-target split needs the label); 0 when none is."""
+        labelled = labels >= 0
+        if not labelled.any():
+            return logits.sum() * 0.0  # keeps every parameter in the graph for DDP
+        return dkd_loss(logits[labelled], teacher_logits[labelled], labels[labelled],
+                        temperature=self.config.kd_temperature)
 
     def _feature_term(self, features, teacher_features) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fitnet / rkd / crd term from pooled features `(B, d_s)` and `(B, d_t)`, and crd's keys `(B, 2D)`."""

@@ -22,7 +22,7 @@ from .distributed import batch_statistics, gather_across_processes, shuffled_for
 from .heads import BatchAttention, FixedProjection, ProjectionHead
 from .key_queue import KeyQueue
 from .modeling_base import DistillationPreTrainedModel
-from .losses import info_nce, kd_loss
+from .losses import info_nce, kd_loss, labelled_cross_entropy
 
 
 @dataclass
@@ -116,7 +116,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             keys, teacher_logits = self._keys(pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
         zero = logits.new_zeros((), dtype=torch.float32)
-        loss_ce = F.cross_entropy(logits.float(), labels) if labels is not None else zero
+        loss_ce = labelled_cross_entropy(logits, labels) if labels is not None else zero
         if not self.training:
             # Only loss and logits, so the Trainer's prediction step hands compute_metrics the bare logits.
             return MoMAOutput(loss=self.config.w_ce * loss_ce, logits=logits)

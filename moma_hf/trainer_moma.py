@@ -190,7 +190,8 @@ class MoMATrainer(Trainer):
         self._data_wait = 0.0  # seconds spent waiting for batches since the last log
         self._window_start: float | None = None
         self.add_callback(_MoMAStepCallback(self))
-        self.loss_terms = self.moma_model.loss_terms
+        # The model's unweighted loss terms, then the share of labelled examples (-1 marks unlabelled ones).
+        self.loss_terms = (*self.moma_model.loss_terms, "labelled_fraction")
         self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))
         self.add_callback(self.step_guard)
 
@@ -210,7 +211,9 @@ class MoMATrainer(Trainer):
         if model.training:
             if outputs.contrastive_keys is not None:
                 self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
-            terms = torch.stack([outputs[name].detach().float() for name in self.loss_terms])
+            labels = inputs.get("labels")
+            labelled = (labels >= 0).float().mean() if labels is not None else outputs.loss.new_ones(())
+            terms = torch.stack([outputs[name].detach().float() for name in self.loss_terms[:-1]] + [labelled.float()])
             self.step_guard.record(torch.cat([outputs.loss.detach().float().reshape(1), terms]))
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1
