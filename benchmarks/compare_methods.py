@@ -86,11 +86,11 @@ def variant_dir(variant: str) -> str:
 
 
 def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher: str, config: dict,
-               out: Path) -> dict[str, float]:
+               out: Path, extra_flags: tuple[str, ...] = ()) -> dict[str, float]:
     """Distil (or train, for `ce`) one student with `examples/distill.py`; its test metrics.
 
     `variant` is a method name, optionally followed by `distill.py` flags that override the scenario's, such as
-    "moma --attention_residual false".
+    "moma --attention_residual false"; `extra_flags` are added to every run (the unlabelled pool).
     """
     method, *extra = shlex.split(variant)
     results = out / "eval_results.json"
@@ -99,7 +99,7 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
                  "train_dir": train_dir, "validation_dir": test_dir, "teacher_model_name_or_path": teacher,
                  "student_model_name_or_path": config["student"], "output_dir": out, "report_to": "none",
                  "save_strategy": "no", "disable_tqdm": True}
-        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + extra)
+        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + list(extra_flags) + extra)
         if code:
             raise RuntimeError(f"{variant} seed {seed} stopped with exit code {code}")
     import json
@@ -115,8 +115,8 @@ def t_quantile(dof: int) -> float:
     return float(t.ppf(0.975, dof))
 
 
-def summarise(rows: list[dict], methods: list[str], out: Path, title: str) -> str:
-    """Write `results.md` (mean +- std per method, paired difference to ce with 95% CI) and `results.png`."""
+def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffix: str = "") -> str:
+    """Write `results{suffix}.md` (mean +- std per method, paired difference to ce with 95% CI) and its `.png`."""
     by = defaultdict(dict)
     for row in rows:
         by[row["method"]][row["seed"]] = row
@@ -137,8 +137,8 @@ def summarise(rows: list[dict], methods: list[str], out: Path, title: str) -> st
             paired = f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
     table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(table)
-    _plot(by, methods, seeds, out / "results.png", title)
+    (out / f"results{suffix}.md").write_text(table)
+    _plot(by, methods, seeds, out / f"results{suffix}.png", title)
     return table
 
 
@@ -175,10 +175,27 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     return teacher, test_dir, student_pool
 
 
-def labelled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path) -> Path:
-    """The folder of the labelled images that every method gets for `seed`."""
+def labelled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
+    """The folder of the labelled images that every method gets for `seed` (`tag` names another budget)."""
     labelled, _ = stratified_split(student_pool, config["label_budget"], seed)
-    return link_subset(labelled, out / "data" / f"labelled_seed{seed}")
+    return link_subset(labelled, out / "data" / f"labelled_seed{seed}{tag}")
+
+
+def unlabelled_pool(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str) -> Path:
+    """A flat folder (no class folders, numbered names) of the images left unlabelled for `seed`."""
+    _, rest = stratified_split(student_pool, config["label_budget"], seed)
+    folder = out / "data" / f"unlabelled_seed{seed}{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, path in enumerate(p for label in sorted(rest) for p in rest[label]):
+        link = folder / f"{number:06d}{path.suffix}"
+        if not link.exists():
+            os.symlink(os.path.abspath(path), link)
+    return folder
+
+
+def uses_unlabelled(variant: str) -> bool:
+    """Whether a method can learn from unlabelled images (`ce` has no term without labels)."""
+    return shlex.split(variant)[0] != "ce"
 
 
 def main(argv=None) -> str:
@@ -188,24 +205,43 @@ def main(argv=None) -> str:
     parser.add_argument("--methods", nargs="+", help="Override the scenario's methods.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Override the scenario's seeds (at least 3).")
     parser.add_argument("--output_dir", type=Path, help="Default: outputs/compare/<config name>.")
+    parser.add_argument("--label_budget", type=float, help="Override the scenario's share of labelled images.")
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="Give every method that can use them the rest of the student's images, unlabelled.")
+    parser.add_argument("--labeled_fraction", type=float,
+                        help="With --unlabeled: labelled share of each batch (default: the scenario's, else natural).")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
     out = args.output_dir or REPO / "outputs" / "compare" / args.config.stem
     teacher, test_dir, student_pool = prepare_scenario(config, out)
+    # Runs of another budget or with the unlabelled pool get their own folders and result files.
+    tag = "" if args.label_budget in (None, config["label_budget"]) else f"_labels{args.label_budget:g}"
+    config["label_budget"] = args.label_budget or config["label_budget"]
+    fraction = args.labeled_fraction or config.get("labeled_fraction")
+    title = config.get("title", args.config.stem) + (f", {config['label_budget']:.0%} labels" if tag else "")
     rows = []
     for seed in seeds:
-        train_dir = labelled_subset(student_pool, config, seed, out)
+        train_dir = labelled_subset(student_pool, config, seed, out, tag)
+        pool_flags = ()
+        if args.unlabeled:
+            pool_flags = (f"--unlabeled_dir={unlabelled_pool(student_pool, config, seed, out, tag)}",)
+            pool_flags += (f"--labeled_fraction={fraction}",) if fraction else ()
         for method in methods:
+            extra = pool_flags if uses_unlabelled(method) else ()
+            folder = variant_dir(method) + ("_unlabeled" if extra else "")
             metrics = run_method(method, seed, train_dir, test_dir, teacher, config,
-                                 out / f"seed{seed}" / variant_dir(method))
-            rows.append({"method": method, "seed": seed, **metrics})
-            print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-    with open(out / "results.csv", "w", newline="") as f:
+                                 out / f"seed{seed}{tag}" / folder, extra)
+            label = method + (" + unlabelled" if extra else "")
+            rows.append({"method": label, "seed": seed, **metrics})
+            print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    suffix = tag + ("_unlabeled" if args.unlabeled else "")
+    with open(out / f"results{suffix}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *METRICS])
         writer.writeheader()
         writer.writerows(rows)
-    table = summarise(rows, methods, out, config.get("title", args.config.stem))
+    labels = list(dict.fromkeys(row["method"] for row in rows))
+    table = summarise(rows, labels, out, title, suffix)
     print(table)
     return table
 
