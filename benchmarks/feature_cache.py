@@ -3,16 +3,19 @@
 1. Speed. `examples/distill.py` distils a ResNet-18 student from a frozen ViT-L/16-sized teacher (UNI's size;
    `--teacher vit-base` for Phikon's ViT-B/16) with random weights, since nothing can be downloaded and time
    does not depend on the weights. It runs at 224 px on `--images` real crc-polyp-96 patches for `--epochs`
-   epochs, once as usual and once with `--cache_teacher_features`. The ratio of the two `train_runtime`s is the per-epoch speed-up after the
-   caching pass; the pass itself is reported beside it (`build_seconds` in the cache's `cache_info.json`).
+   epochs, once as usual and once with `--cache_teacher_features`. The ratio of the two `train_runtime`s is
+   the per-epoch speed-up after the caching pass; the pass itself is reported beside it (`build_seconds` in
+   the cache's `cache_info.json`).
 2. Accuracy. The same-task scenario of `compare_methods.py` (ResNet-18 teacher, ResNet-10t student, 10% of
-   the labels, 80 steps, the scenario's seeds) runs MoMA with and without the cache (`--cache_views` views),
-   paired, reusing the harness's teacher, subsets and finished runs.
+   the labels, 80 steps, the scenario's seeds or `--seeds`) runs MoMA with and without the cache
+   (`--cache_views` views), paired, reusing the harness's teacher, subsets and finished runs.
 
 The last two lines are `cache_speedup: <x>` and `cache_macro_f1_delta: <points>` (cached minus uncached, mean
-over seeds)::
+over seeds, with its 95% interval printed above)::
 
-    python benchmarks/feature_cache.py
+    python benchmarks/feature_cache.py                                   # ViT-L teacher, scenario seeds
+    python benchmarks/feature_cache.py --teacher vit-base --skip_accuracy
+    python benchmarks/feature_cache.py --skip_speed --seeds 0 1 2 3 4 5
 """
 
 from __future__ import annotations
