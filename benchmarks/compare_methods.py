@@ -223,19 +223,19 @@ def main(argv=None) -> str:
     rows = []
     for seed in seeds:
         train_dir = labelled_subset(student_pool, config, seed, out, tag)
-        pool_flags = ()
+        pool_flags, pool_tag = (), "_unlabeled" + (f"{fraction:g}" if fraction else "")  # natural or a fraction
         if args.unlabeled:
             pool_flags = (f"--unlabeled_dir={unlabelled_pool(student_pool, config, seed, out, tag)}",)
             pool_flags += (f"--labeled_fraction={fraction}",) if fraction else ()
         for method in methods:
             extra = pool_flags if uses_unlabelled(method) else ()
-            folder = variant_dir(method) + ("_unlabeled" if extra else "")
+            folder = variant_dir(method) + (pool_tag if extra else "")
             metrics = run_method(method, seed, train_dir, test_dir, teacher, config,
                                  out / f"seed{seed}{tag}" / folder, extra)
             label = method + (" + unlabelled" if extra else "")
             rows.append({"method": label, "seed": seed, **metrics})
             print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-    suffix = tag + ("_unlabeled" if args.unlabeled else "")
+    suffix = tag + ("_unlabeled" + (f"{fraction:g}" if fraction else "") if args.unlabeled else "")
     with open(out / f"results{suffix}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *METRICS])
         writer.writeheader()
