@@ -1,8 +1,9 @@
 """Accuracy: the fraction of predictions equal to their reference label."""
 
-import datasets
 import evaluate
 import numpy as np
+
+from moma_hf.metrics.base import class_id_info, class_ids
 
 _DESCRIPTION = """
 Accuracy is the proportion of examples whose predicted class equals the reference class:
@@ -31,18 +32,8 @@ class Accuracy(evaluate.Metric):
     """Accuracy of single-label classification (a moma-hf metric, computed with numpy)."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            format="numpy",  # _compute gets numpy arrays, not Python lists
-        )
+        return class_id_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references):
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if predictions.size == 0:
-            raise ValueError("accuracy needs at least one prediction.")
+        predictions, references = class_ids(predictions, references, "accuracy")
         return {"accuracy": float(np.mean(predictions == references))}

@@ -1,8 +1,9 @@
 """Balanced accuracy: the mean of the per-class recalls, over the classes present in the references."""
 
-import datasets
 import evaluate
 import numpy as np
+
+from moma_hf.metrics.base import class_id_info, class_ids
 
 _DESCRIPTION = """
 Balanced accuracy is the average, over the classes that occur in `references`, of each class's recall
@@ -47,20 +48,10 @@ class BalancedAccuracy(evaluate.Metric):
     """Balanced accuracy of single-label classification (a moma-hf metric, computed with numpy)."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            format="numpy",
-        )
+        return class_id_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references, adjusted=False):
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if references.size == 0:
-            raise ValueError("balanced_accuracy needs at least one prediction.")
+        predictions, references = class_ids(predictions, references, "balanced_accuracy")
         classes, counts = np.unique(references, return_counts=True)
         # Correct predictions per reference class: the classes of the correct examples, counted.
         correct = np.array([np.sum(predictions[references == c] == c) for c in classes])

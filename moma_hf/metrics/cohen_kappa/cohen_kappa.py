@@ -1,8 +1,9 @@
 """Cohen's kappa: agreement between predictions and references beyond chance, optionally weighted."""
 
-import datasets
 import evaluate
 import numpy as np
+
+from moma_hf.metrics.base import class_id_info, class_ids
 
 _DESCRIPTION = """
 Cohen's kappa compares the observed agreement with the agreement expected by chance from the two label
@@ -66,22 +67,12 @@ class CohenKappa(evaluate.Metric):
     """Cohen's kappa, plain or linearly/quadratically weighted (a moma-hf metric, computed with numpy)."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            format="numpy",
-        )
+        return class_id_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references, weights=None):
         if weights not in _POWERS:
             raise ValueError(f"weights must be None, 'linear' or 'quadratic', got {weights!r}.")
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if references.size == 0:
-            raise ValueError("cohen_kappa needs at least one prediction.")
+        predictions, references = class_ids(predictions, references, "cohen_kappa")
         if min(predictions.min(), references.min()) < 0:
             raise ValueError("cohen_kappa needs class ids >= 0 (they are used as ordinal positions).")
         num_classes = int(max(predictions.max(), references.max())) + 1

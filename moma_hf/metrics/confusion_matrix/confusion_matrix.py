@@ -1,8 +1,9 @@
 """The confusion matrix of single-label classification: counts of (reference, prediction) pairs."""
 
-import datasets
 import evaluate
 import numpy as np
+
+from moma_hf.metrics.base import class_id_info, class_ids
 
 _DESCRIPTION = """
 The confusion matrix M has one row per reference (true) class and one column per predicted class:
@@ -35,20 +36,10 @@ class ConfusionMatrix(evaluate.Metric):
     """Confusion matrix of single-label classification (a moma-hf metric, computed with numpy)."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            format="numpy",
-        )
+        return class_id_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references, num_labels=None):
-        # An empty input arrives as a float array; the counts below need integer indices.
-        predictions = np.asarray(predictions).astype(np.int64)
-        references = np.asarray(references).astype(np.int64)
+        predictions, references = class_ids(predictions, references, "confusion_matrix", allow_empty=True)
         if num_labels is None:
             if references.size == 0:
                 raise ValueError("confusion_matrix needs num_labels when there are no predictions.")

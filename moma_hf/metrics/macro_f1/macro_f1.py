@@ -1,8 +1,9 @@
 """Macro-F1: the unweighted mean of the per-class F1 scores."""
 
-import datasets
 import evaluate
 import numpy as np
+
+from moma_hf.metrics.base import class_id_info, class_ids
 
 _DESCRIPTION = """
 For each class c, F1 is the harmonic mean of its precision and recall, which simplifies to
@@ -43,22 +44,12 @@ class MacroF1(evaluate.Metric):
     """Macro-averaged F1 of single-label classification (a moma-hf metric, computed with numpy)."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            format="numpy",
-        )
+        return class_id_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references, average="macro"):
         if average not in ("macro", None):
             raise ValueError(f"average must be 'macro' or None, got {average!r}.")
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if references.size == 0:
-            raise ValueError("macro_f1 needs at least one prediction.")
+        predictions, references = class_ids(predictions, references, "macro_f1")
         classes = np.union1d(references, predictions)
         correct = predictions == references
         true_positive = np.array([np.sum(correct & (references == c)) for c in classes])
