@@ -16,8 +16,10 @@ never from a flag, which would end up in shell histories and job logs.
 Writes into --output_dir (see `moma_hf.evaluation.save_evaluation`):
 
 - `eval_results.json`: `eval_accuracy`, `eval_balanced_accuracy`, `eval_macro_f1`, `eval_cohen_kappa`,
-  `eval_quadratic_kappa`, `eval_samples`, and what was evaluated (`model_name_or_path`, `model_revision`,
-  `dataset`, `split`, `image_size`);
+  `eval_quadratic_kappa`, `eval_samples` (the images scored), `eval_unreadable_images` (files that could not be
+  decoded: left out of every metric, each named in a warning), and what was evaluated (`model_name_or_path`,
+  `model_revision`, `dataset`, `split`, `image_size`); a larger unreadable share than --max_bad_image_fraction
+  stops the evaluation with an error and writes nothing;
 - `per_class_metrics.json`: `{label: {precision, recall, f1, support}}`;
 - `confusion_matrix.json` (`labels`, `matrix`: rows true, columns predicted) and `confusion_matrix.png`.
 """
@@ -33,9 +35,9 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from moma_hf.cli import parse_args
-from moma_hf.collator import PatchCollator
+from moma_hf.collator import UNREADABLE, PatchCollator
 from moma_hf.data import label_names, load_patch_dataset
-from moma_hf.evaluation import confusion_matrix, prediction_metrics, save_evaluation
+from moma_hf.evaluation import confusion_matrix, prediction_metrics, save_evaluation, score_readable
 from moma_hf.transforms import build_eval_transform, normalization_from_processor
 
 logger = logging.getLogger("examples.evaluate")  # not "evaluate": that is the library's logger
@@ -91,13 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = model_args.image_size or input_size(processor, model)
     collator = PatchCollator(build_eval_transform(image_size, crop_pct=model_args.crop_pct),
                              normalization_from_processor(processor if processor is not None else model),
-                             num_labels=len(to_model_ids), max_bad_fraction=data_args.max_bad_image_fraction)
+                             num_labels=len(to_model_ids), max_bad_fraction=data_args.max_bad_image_fraction,
+                             skip_bad_images=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=eval_args.batch_size, collate_fn=collator,
                                          num_workers=eval_args.num_workers, pin_memory=torch.cuda.is_available())
-    predictions, references = predict(model, loader, to_model_ids)
+    predictions, references, counts = score_readable(*predict(model, loader, to_model_ids),
+                                                     data_args.max_bad_image_fraction)
     matrix = confusion_matrix(predictions, references, len(model_labels))
     results = {f"eval_{name}": value for name, value in prediction_metrics(predictions, references).items()}
-    results.update(eval_samples=int(references.size), model_name_or_path=model_args.model_name_or_path,
+    results.update(**counts, model_name_or_path=model_args.model_name_or_path,
                    model_revision=model_args.revision, dataset=data_args.dataset_name or data_args.data_dir,
                    split=data_args.split, image_size=image_size)
     paths = save_evaluation(eval_args.output_dir, results, matrix, model_labels)
@@ -187,14 +191,16 @@ def _side(size) -> int | None:
 
 @torch.no_grad()
 def predict(model, loader, to_model_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(predicted model ids, reference model ids)` over `loader`, on CUDA when there is one."""
+    """`(predicted model ids, reference model ids)` over `loader`, on CUDA when there is one; an unreadable
+    image keeps its `UNREADABLE` reference."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     predictions, references = [], []
     for batch in loader:
         logits = model(pixel_values=batch["pixel_values"].to(device, non_blocking=True)).logits
         predictions.append(logits.argmax(dim=-1).cpu().numpy())
-        references.append(to_model_ids[batch["labels"].numpy()])
+        labels = batch["labels"].numpy()
+        references.append(np.where(labels == UNREADABLE, UNREADABLE, to_model_ids[np.maximum(labels, 0)]))
     if not predictions:
         raise ValueError("The evaluation split has no examples.")
     return np.concatenate(predictions), np.concatenate(references)

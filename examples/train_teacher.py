@@ -16,9 +16,13 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
+from moma_hf.bad_image_limit import BadImageLimitCallback
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.hub import check_push_access, push_student
+from moma_hf.run_folder import OutputDirArguments, prepare_output_dir
 from moma_hf.students import build_student
+from moma_hf.token_safety import TokenSafeArgumentsMixin
 from moma_hf.transforms import normalization_from_processor
 
 
@@ -31,6 +35,13 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "With --model_type: 'hidden_size=128,num_hidden_layers=4,...'."}
     )
+
+
+@dataclass(repr=False)  # keep the redacting repr of TokenSafeArgumentsMixin
+class TeacherTrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, OutputDirArguments):
+    """`TrainingArguments` whose pickles (`training_args.bin`) hold no Hub token, pushing only the final model."""
+
+    hub_strategy: str = field(default="end", metadata={"help": "'end' pushes the final teacher only (default)."})
 
 
 def build_model(model_args: ModelArguments, labels: list[str], image_size: int):
@@ -57,10 +68,12 @@ def _default_processor(model_type: str, image_size: int):
 
 
 def main(argv=None):
-    model_args, data_args, args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, TeacherTrainingArguments), argv)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
     args.remove_unused_columns = False  # the collator reads the raw image column
+    prepare_output_dir(args, args.overwrite_output_dir)  # never mix this run with an earlier one's files
+    check_push_access(args)  # a teacher that could not be pushed fails now, not after training
     set_seed(args.seed)
     train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
     image_size = data_args.image_size or 224
@@ -69,12 +82,16 @@ def main(argv=None):
         data_args, image_size, len(labels), normalization_from_processor(processor)
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=train_collator,
-                      processing_class=processor, compute_metrics=make_compute_metrics(len(labels)))
+                      processing_class=processor, compute_metrics=make_compute_metrics(len(labels)),
+                      callbacks=[BadImageLimitCallback(train_collator)])
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.data_collator = eval_collator
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
+    if args.push_to_hub:
+        trainer.create_model_card()  # as Trainer.push_to_hub would
+        push_student(trainer, "Teacher trained with moma-hf examples/train_teacher.py")
 
 
 if __name__ == "__main__":

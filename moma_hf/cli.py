@@ -11,6 +11,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .data import PatchCollator, label_names, load_patch_dataset
+from .token_safety import warn_if_token_in_arguments
 from .transforms import build_eval_transform, build_train_transform
 from .unlabelled import load_unlabelled_patches, mix_labelled_and_unlabelled
 
@@ -75,6 +76,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, default_co
         index = argv.index("--config")
         config_path = Path(argv[index + 1])
         argv = _yaml_to_flags(config_path) + argv[:index] + argv[index + 2 :]
+    warn_if_token_in_arguments(argv)  # the flags of the YAML file are in argv by now
     return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
 
 
@@ -135,5 +137,6 @@ def build_collators(data_args: DataArguments, image_size: int, num_labels: int, 
                               stain_jitter=data_args.stain_jitter),
         student_norm, teacher_norm, seed=seed, **common,
     )
-    evaluation = PatchCollator(build_eval_transform(image_size), student_norm, None, **common)
+    # Evaluation scores only real images: an unreadable one is marked, not replaced by a copy of another.
+    evaluation = PatchCollator(build_eval_transform(image_size), student_norm, None, skip_bad_images=True, **common)
     return train, evaluation

@@ -1,8 +1,11 @@
 """PatchCollator: decode, augment and normalise a batch of patches for MoMA, surviving corrupt files.
 
-A corrupt or truncated image is skipped with a `BadImageWarning` that names it, and counted; its slot is
-filled by a fresh augmentation of a good image of the same batch, so every process keeps the same batch
-size (the gathered key queue needs it). Once the bad fraction passes `max_bad_fraction`, it raises.
+A corrupt or truncated image is skipped with a `BadImageWarning` that names it, and counted. In training its
+slot is filled by a fresh augmentation of a good image of the same batch, so every process keeps the same
+batch size (the gathered key queue needs it). In evaluation (``skip_bad_images=True``) the slot keeps a
+stand-in crop but gets the label `UNREADABLE` (-100), so metrics leave it out. Once the bad fraction passes
+`max_bad_fraction` (after `min_samples_for_threshold` images), it raises; :func:`check_bad_fraction` applies
+the same limit to a whole run's counts at its end, whatever their number.
 """
 from __future__ import annotations
 
@@ -24,6 +27,37 @@ from .transforms import load_rgb_image
 
 class BadImageWarning(UserWarning):
     """An image could not be decoded and was skipped by :class:`PatchCollator`."""
+
+
+class TooManyBadImagesError(ValueError):
+    """More images could not be decoded than ``max_bad_fraction`` allows."""
+
+
+# The label of an evaluation slot whose image could not be decoded: the value the Hugging Face losses and
+# metrics ignore. It differs from -1 (an unlabelled example) so the unreadable ones can be counted.
+UNREADABLE = -100
+# One row of counters for the main process and one for each DataLoader worker (by worker id), so no two
+# processes ever add to the same row.
+_COUNTER_ROWS = 65
+
+
+def check_bad_fraction(num_bad: int, num_seen: int, max_fraction: float, examples: Sequence[str] = (),
+                       scope: str = "") -> None:
+    """Raise :class:`TooManyBadImagesError` when ``num_bad / num_seen`` exceeds ``max_fraction``.
+
+    ``examples`` are some of the unreadable files, for the message; ``scope`` says what was counted
+    (e.g. "in the whole training run").
+    """
+    fraction = num_bad / num_seen if num_seen else 0.0
+    if fraction <= max_fraction:
+        return
+    named = f" Unreadable files include {list(examples)[:10]}." if examples else (
+        " Each was named in a BadImageWarning above.")
+    raise TooManyBadImagesError(
+        f"{num_bad} of {num_seen} images ({fraction:.2%}) could not be decoded{scope}, more than the allowed "
+        f"{max_fraction:.2%}.{named} Clean the data (remove or re-export these files), or raise "
+        "--max_bad_image_fraction if losing them is acceptable."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +104,8 @@ class PatchCollator:
             teacher-feature cache built with the same collator holds the teacher's output for this very crop.
         feature_cache: a :class:`~moma_hf.feature_cache.TeacherFeatureCache` built for ``views``; the batch then
             carries the cached ``teacher_features`` (and ``teacher_logits``) instead of ``teacher_pixel_values``.
+        skip_bad_images: for evaluation: an unreadable image's slot gets the label ``UNREADABLE`` (-100) instead
+            of a copy of a good image's label, so metrics count only real images; a batch may then be all bad.
 
     Returns (from ``__call__``):
         ``{"pixel_values": (B, 3, H, W) float32, "teacher_pixel_values": (B, 3, H, W) float32,
@@ -85,8 +121,9 @@ class PatchCollator:
     position in this collator's stream) and counted in ``num_seen``/``num_bad``/``bad_files``. Distributed
     training gathers equal batches, so the batch size never shrinks: each skipped slot is filled with a
     fresh augmentation of a good image (and its label) from the same batch, which that image's weight
-    in the step slightly raises. With DataLoader workers each worker process holds its own copy of
-    the counters, and the threshold applies per worker; the main process's copy stays at zero.
+    in the step slightly raises. The counts live in shared memory, one row per DataLoader worker, so
+    ``num_seen``/``num_bad`` (and the threshold) cover every worker of this process; ``bad_files`` holds
+    the names this copy saw. Two DataLoaders running the same collator at once may lose a few counts.
     """
 
     def __init__(
@@ -100,6 +137,7 @@ class PatchCollator:
         seed: int = 0,
         views: int | None = None,
         feature_cache=None,
+        skip_bad_images: bool = False,
     ):
         self.transform = transform
         self.student_norm = _as_norm(student_norm)
@@ -112,10 +150,21 @@ class PatchCollator:
         self.feature_cache = feature_cache
         if feature_cache is not None and feature_cache.views != views:
             raise ValueError(f"The feature cache holds {feature_cache.views} views; the collator was given {views}.")
+        self.skip_bad_images = skip_bad_images
         self.epoch = 0
-        self.num_seen = 0
-        self.num_bad = 0
+        # (images seen, images unreadable) per process; shared, so DataLoader workers' counts reach the parent.
+        self._counts = torch.zeros(_COUNTER_ROWS, 2, dtype=torch.int64).share_memory_()
         self.bad_files: list[str] = []
+
+    @property
+    def num_seen(self) -> int:
+        """Images collated so far by this collator in this process and its DataLoader workers."""
+        return int(self._counts[:, 0].sum())
+
+    @property
+    def num_bad(self) -> int:
+        """Of ``num_seen``, the images that could not be decoded."""
+        return int(self._counts[:, 1].sum())
 
     def set_epoch(self, epoch: int) -> None:
         """Draw other augmentations in each epoch (DataLoader workers copy this when an epoch starts)."""
@@ -138,6 +187,8 @@ class PatchCollator:
             decoded.append((image, label))
         self._record(len(examples), bad)
         good = [i for i, (image, _) in enumerate(decoded) if image is not None]
+        if not good:  # evaluation only (training raised): score nothing, keep the batch's shape
+            good, decoded[0] = [0], (Image.new("RGB", (8, 8), "white"), UNREADABLE)
         sources = [i if decoded[i][0] is not None else good[i % len(good)] for i in range(len(decoded))]
         crops, views = [], []
         with _preserved_global_rng():
@@ -149,13 +200,15 @@ class PatchCollator:
                 _seed_everything(self._sample_seed(examples[source]["image"], slot, epoch))
                 crops.append(self.transform(decoded[source][0]))
         pixels = torch.stack(crops).float()
-        filled = [decoded[source] for source in sources]
+        labels = [decoded[source][1] for source in sources]
+        if self.skip_bad_images:
+            labels = [UNREADABLE if decoded[i][0] is None else label for i, label in enumerate(labels)]
         batch = {"pixel_values": self._normalise(pixels, self.student_norm)}
         if self.feature_cache is not None:
             batch.update(self.feature_cache.lookup([examples[source][ROW_KEY] for source in sources], views))
         elif self.teacher_norm is not None:
             batch["teacher_pixel_values"] = self._normalise(pixels, self.teacher_norm)
-        batch["labels"] = torch.tensor([label for _, label in filled], dtype=torch.int64)
+        batch["labels"] = torch.tensor(labels, dtype=torch.int64)
         return batch
 
     def _sample_seed(self, image: Any, slot: int, epoch: int | str) -> int:
@@ -186,23 +239,18 @@ class PatchCollator:
         return int(label)
 
     def _record(self, batch_size: int, bad: list[str]) -> None:
-        """Count a batch; raise when it is all bad or the bad fraction passes the threshold."""
-        self.num_seen += batch_size
-        self.num_bad += len(bad)
+        """Count a batch; raise when it is all bad (training) or the bad fraction passes the threshold."""
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else 1 + info.id % (_COUNTER_ROWS - 1)
+        self._counts[row] += torch.tensor([batch_size, len(bad)])
         self.bad_files.extend(bad)
-        if len(bad) == batch_size:
+        if len(bad) == batch_size and not self.skip_bad_images:
             raise ValueError(
                 f"Every image of a batch of {batch_size} is unreadable: {bad[:10]}. Check that the image "
                 "column holds encoded images (e.g. JPEG/PNG bytes or paths) and that the files are intact."
             )
-        fraction = self.num_bad / self.num_seen
-        if self.num_seen >= self.min_samples_for_threshold and fraction > self.max_bad_fraction:
-            raise ValueError(
-                f"{self.num_bad} of {self.num_seen} images ({fraction:.2%}) could not be decoded, more than "
-                f"the allowed {self.max_bad_fraction:.2%}. Unreadable files include {self.bad_files[:10]}. "
-                "Clean the data (remove or re-export these files), or raise --max_bad_image_fraction "
-                "if losing them is acceptable."
-            )
+        if self.num_seen >= self.min_samples_for_threshold:
+            check_bad_fraction(self.num_bad, self.num_seen, self.max_bad_fraction, self.bad_files)
 
 
 def _seed_everything(seed: int) -> None:

@@ -8,19 +8,52 @@ The numbers come from the `evaluate` modules shipped in :mod:`moma_hf.metrics`. 
 
 and :func:`save_evaluation` writes, into one folder, ``eval_results.json`` (those five with the ``eval_``
 prefix), ``per_class_metrics.json``, ``confusion_matrix.json`` and ``confusion_matrix.png``.
+
+Images that could not be decoded reach evaluation with the label ``UNREADABLE`` (-100, see
+:class:`~moma_hf.collator.PatchCollator`'s ``skip_bad_images``): the metrics leave them out, and
+:func:`score_readable` counts them (``eval_samples`` / ``eval_unreadable_images``) and applies the
+``--max_bad_image_fraction`` limit to the whole evaluation.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from .collator import UNREADABLE, check_bad_fraction
 from .metrics import load_metric
 from .plots import plot_confusion_matrix
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "quadratic_kappa")
+logger = logging.getLogger(__name__)
+
+
+def score_readable(predictions: np.ndarray, references: np.ndarray, max_bad_fraction: float | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Keep the examples with a class id as reference; count the unreadable ones, log them and apply the limit.
+
+    Args:
+        predictions, references: `(N,)` class ids; a reference of ``UNREADABLE`` marks an image that could not
+            be decoded, any other negative one an example without a label.
+        max_bad_fraction: raise :class:`~moma_hf.collator.TooManyBadImagesError` when more than this share of
+            the `N` images was unreadable; None applies no limit.
+
+    Returns:
+        `(predictions (M,), references (M,), {"eval_samples": M, "eval_unreadable_images": N_unreadable})`.
+    """
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    unreadable = int((references == UNREADABLE).sum())
+    if unreadable:
+        logger.warning("Evaluation skipped %d unreadable image(s) of %d; the metrics count only the other %d.",
+                       unreadable, references.size, references.size - unreadable)
+    if max_bad_fraction is not None:
+        check_bad_fraction(unreadable, references.size, max_bad_fraction, scope=" in this evaluation")
+    scored = references >= 0
+    counts = {"eval_samples": int(scored.sum()), "eval_unreadable_images": unreadable}
+    return predictions[scored], references[scored], counts
 
 
 def confusion_matrix(predictions: np.ndarray, references: np.ndarray, num_labels: int) -> np.ndarray:
@@ -82,7 +115,9 @@ def make_compute_metrics(num_labels: int):
         logits = logits[0] if isinstance(logits, tuple) else logits
         if logits.shape[-1] != num_labels:
             raise ValueError(f"The model gives {logits.shape[-1]} logits per image for {num_labels} labels.")
-        return prediction_metrics(np.argmax(logits, axis=-1), eval_prediction.label_ids)
+        references = np.asarray(eval_prediction.label_ids)
+        scored = references >= 0  # unreadable images (and unlabelled examples) are not scored
+        return prediction_metrics(np.argmax(logits, axis=-1)[scored], references[scored])
 
     return compute_metrics
 
@@ -112,13 +147,19 @@ def save_evaluation(output_dir: str | Path, metrics: dict, matrix: np.ndarray, l
 
 def evaluate_and_save(trainer, dataset, label_names: list[str]) -> dict[str, float]:
     """Predict `dataset`, log the metrics, and write the :func:`save_evaluation` files into the trainer's
-    `output_dir` (``eval_results.json`` through `Trainer.save_metrics`)."""
+    `output_dir` (``eval_results.json`` through `Trainer.save_metrics`).
+
+    Unreadable images are left out of the metrics and counted (see :func:`score_readable`); the limit is the
+    evaluation collator's ``max_bad_fraction``.
+    """
     prediction = trainer.predict(dataset, metric_key_prefix="eval")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predictions = np.argmax(logits, axis=-1)
-    matrix = confusion_matrix(predictions, prediction.label_ids, len(label_names))
-    scores = prediction_metrics(predictions, prediction.label_ids)
-    metrics = {**prediction.metrics, **{f"eval_{k}": v for k, v in scores.items()}}
+    collator = getattr(trainer, "eval_data_collator", None) or trainer.data_collator
+    predictions, references, counts = score_readable(np.argmax(logits, axis=-1), prediction.label_ids,
+                                                     getattr(collator, "max_bad_fraction", None))
+    matrix = confusion_matrix(predictions, references, len(label_names))
+    scores = prediction_metrics(predictions, references)
+    metrics = {**prediction.metrics, **{f"eval_{k}": v for k, v in scores.items()}, **counts}
     trainer.log(metrics)
     if trainer.is_world_process_zero():
         Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)  # save_metrics does not create it

@@ -18,19 +18,23 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .bad_image_limit import BadImageLimitCallback
 from .configuration_moma import METHODS, TEACHER_UPDATES
 from .streaming import EndlessStream
 from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
+from .run_folder import OutputDirArguments
+from .token_safety import TokenSafeArgumentsMixin
 
 
 
-@dataclass
-class MoMATrainingArguments(TrainingArguments):
+@dataclass(repr=False)  # keep the redacting repr of TokenSafeArgumentsMixin
+class MoMATrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, OutputDirArguments):
     """`TrainingArguments` plus the teacher, the student and MoMA's hyper-parameters (DESIGN.md section 1).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator reads the raw
     image column), `hub_strategy="end"` (only the final student is pushed, never a MoMA checkpoint) and
-    `dataloader_drop_last=True` for training (evaluation never drops samples).
+    `dataloader_drop_last=True` for training (evaluation never drops samples). Pickles of these arguments
+    (`checkpoint-*/training_args.bin`) hold no Hub token (see `token_safety.py`).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -190,6 +194,8 @@ class MoMATrainer(Trainer):
         self._data_wait = 0.0  # seconds spent waiting for batches since the last log
         self._window_start: float | None = None
         self.add_callback(_MoMAStepCallback(self))
+        if hasattr(self.data_collator, "num_bad"):  # the unreadable-image limit holds for runs of any length
+            self.add_callback(BadImageLimitCallback(self.data_collator))
         # The model's unweighted loss terms, then the share of labelled examples (-1 marks unlabelled ones).
         self.loss_terms = (*self.moma_model.loss_terms, "labelled_fraction")
         self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))

@@ -115,3 +115,42 @@ def test_other_labels_than_the_model_give_a_clear_error(script, tmp_path):
 def test_the_data_source_is_required(script, tmp_path):
     with pytest.raises(ValueError, match="--dataset_name .* or --data_dir"):
         script.main(["--model_name_or_path", str(DEMO_TEACHER), "--output_dir", str(tmp_path)])
+
+
+def _with_unreadable_files(tmp_path) -> Path:
+    """The demo validation split (38 real patches) plus 3 files that cannot be decoded: 41 files."""
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_VALIDATION, data)
+    tumour = sorted((data / "TUM").glob("*.jpg"))[0].read_bytes()
+    (data / "TUM" / "truncated.jpg").write_bytes(tumour[: len(tumour) // 3])
+    (data / "ADI" / "notes.jpg").write_text("not an image")
+    (data / "STR" / "empty.png").write_bytes(b"")
+    return data
+
+
+def test_unreadable_images_are_skipped_counted_and_left_out_of_the_metrics(script, hand_predictions, tmp_path,
+                                                                            caplog):
+    data = _with_unreadable_files(tmp_path)
+    with caplog.at_level("WARNING", logger="moma_hf.evaluation"), pytest.warns(UserWarning, match="notes.jpg"):
+        results = run(script, data, tmp_path / "out", "--max_bad_image_fraction", "0.1")
+
+    files = sorted(DEMO_VALIDATION.glob("*/*.jpg"))
+    assert results["eval_samples"] == len(files) == 38 and results["eval_unreadable_images"] == 3
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text()) == results
+    matrix = json.loads((tmp_path / "out" / "confusion_matrix.json").read_text())["matrix"]
+    assert sum(map(sum, matrix)) == 38  # no stand-in copies of good images
+    per_class = json.loads((tmp_path / "out" / "per_class_metrics.json").read_text())
+    assert [per_class[c]["support"] for c in NCT_CLASSES] == [len(list((DEMO_VALIDATION / c).glob("*.jpg")))
+                                                              for c in NCT_CLASSES]
+    correct, _ = hand_accuracy(files, hand_predictions)
+    assert results["eval_accuracy"] == pytest.approx(correct / 38)
+    assert "skipped 3 unreadable image(s) of 41" in caplog.text
+
+
+def test_an_evaluation_with_more_unreadable_images_than_allowed_fails_however_short(script, tmp_path):
+    # 3 of 41 files (7%) in three batches: far below the 100 images after which the collator checks.
+    data = _with_unreadable_files(tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"3 of 41 images \(7\.32%\).* in this "
+                                                  r"evaluation, more than the allowed 1\.00%.*--max_bad_image_fraction"):
+        run(script, data, tmp_path / "out")
+    assert not (tmp_path / "out" / "eval_results.json").exists()
