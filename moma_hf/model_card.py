@@ -2,12 +2,15 @@
 
 The card's metadata (`library_name`, `base_model` with relation `distillation`, `datasets`, `tags`, `license`,
 `model-index`) comes from the trainer's arguments, the MoMA config and the last evaluation; the body from the
-template `model_cards/student_card.md.j2`.
+template `model_cards/student_card.md.j2`. A card states only what happened: `base_model` is the teacher's Hub
+id (never a local path, and none for `ce`, which has no teacher), loss weights are the resolved numbers, and
+the hyper-parameter table lists only what the method used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +20,47 @@ import timm
 import torch
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .plots import plot_training_curves
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "student_card.md.j2"
-TAGS = ["histopathology", "knowledge-distillation", "moma", "image-classification"]
-# The arguments a reader of a distillation card cares about, in the order shown.
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def template_path(name: str = "student_card.md.j2") -> Path:
+    """The card template `name`: inside the package when installed from a wheel (`moma_hf/model_cards/`), else
+    in the repository's top-level `model_cards/` (an editable install, or the source tree on `sys.path`)."""
+    for folder in (_PACKAGE / "model_cards", _PACKAGE.parent / "model_cards"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"Model card template {name!r} is in neither {_PACKAGE / 'model_cards'} nor "
+        f"{_PACKAGE.parent / 'model_cards'}: the moma-hf install is incomplete. Reinstall it "
+        "(`pip install --force-reinstall moma-hf`, or `pip install -e .` from a checkout)."
+    )
+
+
+TAGS = ["histopathology", "image-classification"]  # plus "knowledge-distillation" and "moma" where they apply
+# The arguments a reader of a card cares about, in the order shown; a card shows only those its method used.
 CARD_HYPERPARAMETERS = (
     "method", "teacher_update", "projection_dim", "attention_heads", "queue_size", "contrastive_temperature",
-    "momentum", "w_ce", "w_kd", "w_moma", "kd_temperature", "learning_rate", "optim", "weight_decay",
+    "momentum", "w_ce", "w_kd", "w_moma", "kd_temperature", "w_feature", "learning_rate", "optim", "weight_decay",
     "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
     "num_train_epochs", "seed", "bf16", "fp16",
 )
+_MOMA_ONLY = {"teacher_update", "projection_dim", "attention_heads", "queue_size", "contrastive_temperature",
+              "momentum", "w_moma"}
+# The method-specific rows each method shows (the others never took part in its training).
+_METHOD_ROWS = {
+    "moma": _MOMA_ONLY | {"w_kd", "kd_temperature"},
+    "moma-noattn": (_MOMA_ONLY - {"attention_heads"}) | {"w_kd", "kd_temperature"},
+    "kd": {"w_kd", "kd_temperature"}, "dkd": {"w_kd", "kd_temperature"},
+    "fitnet": {"w_feature"}, "rkd": {"w_feature"},
+    "crd": {"w_feature", "projection_dim", "queue_size", "contrastive_temperature"},
+    "ce": set(),
+}
+_SPECIFIC_ROWS = set().union(*_METHOD_ROWS.values())
 
 
 @dataclass
@@ -63,7 +95,7 @@ def write_model_card(trainer, output_dir: str | Path, card_data: MoMAModelCardDa
     facts = gather_facts(trainer, card_data)
     facts["training_curves"] = curves.name if curves else None
     facts["confusion_matrix"] = "confusion_matrix.png" if (output_dir / "confusion_matrix.png").exists() else None
-    card = ModelCard.from_template(_metadata(facts, card_data), template_path=str(TEMPLATE), **facts)
+    card = ModelCard.from_template(_metadata(facts, card_data), template_path=str(template_path()), **facts)
     path = output_dir / "README.md"
     card.save(path)
     return path
@@ -74,7 +106,6 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
     args, moma = trainer.args, trainer.moma_model
     config, student = moma.config, moma.student
     repo_id = args.hub_model_id or Path(args.output_dir).name
-    teacher = config.teacher_name_or_path or "unknown teacher"
     return dict(
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
@@ -82,12 +113,11 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
         eval_split=card_data.eval_split,
         dataset_citation=card_data.dataset_citation,
         labels=[config.id2label[i] for i in sorted(config.id2label)],
-        teacher=teacher,
-        teacher_known=config.teacher_name_or_path is not None,
-        teacher_url=teacher if Path(teacher).exists() else f"https://huggingface.co/{teacher.removeprefix('hf-hub:')}",
+        **teacher_facts(config, args.method),
         teacher_revision=config.teacher_revision,
         teacher_update=moma.teacher_update,
         same_label_space=config.same_label_space,
+        w_kd=config.w_kd,
         method=args.method,
         student_architecture=getattr(student.config, "architecture", None) or type(student).__name__,
         timm_architecture=getattr(student.config, "architecture", None),
@@ -96,7 +126,7 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
         steps=trainer.state.global_step,
         global_batch_size=args.global_batch_size,
         metrics=last_eval_metrics(trainer.state.log_history),
-        hyperparameters=hyperparameter_rows(args),
+        hyperparameters=hyperparameter_rows(args, config, moma.teacher_update),
         versions=", ".join(
             f"{name} {version}" for name, version in (
                 ("moma-hf", _package_version()), ("transformers", transformers.__version__),
@@ -105,6 +135,31 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
             )
         ),
     )
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` as a Hub repo id (without timm's `hf-hub:`), or None for a local folder or no name."""
+    if not name_or_path:
+        return None
+    repo = name_or_path.removeprefix("hf-hub:")
+    if os.path.exists(repo) or repo.startswith((".", "~", "/")):
+        return None
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return None
+    return repo
+
+
+def teacher_facts(config, method: str) -> dict:
+    """`distilled`, and the teacher as named in the card: `teacher` (a Hub id, or a local folder's name),
+    `teacher_url` (None for a local folder) and `teacher_link` (markdown). A `ce` run names no teacher."""
+    name = config.teacher_name_or_path if method != "ce" else None
+    repo = hub_id(name)
+    shown = repo or (Path(name).name if name else None)
+    link = f"[`{repo}`](https://huggingface.co/{repo})" if repo else f"`{shown}` (a local model)"
+    return dict(distilled=name is not None, teacher=shown, teacher_url=f"https://huggingface.co/{repo}" if repo
+                else None, teacher_link=link if name else None)
 
 
 def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
@@ -117,15 +172,29 @@ def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
-def hyperparameter_rows(args) -> list[tuple[str, object, bool]]:
-    """`(name, value, differs_from_default)` for the card's hyper-parameter table."""
+def hyperparameter_rows(args, config=None, teacher_update: str | None = None) -> list[tuple[str, object, bool]]:
+    """`(name, value, differs_from_default)` for the card's hyper-parameter table.
+
+    Only the rows `args.method` used are shown. Values the model resolved (`w_kd`, `w_feature` and
+    `teacher_update`, whose defaults are None or "auto") come from `config` and `teacher_update`; they are bold
+    only when the user set them.
+    """
     defaults = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING}
+    resolved = {"teacher_update": teacher_update}
+    if config is not None:
+        resolved.update(w_kd=config.w_kd, w_feature=config.w_feature)
+    used = _METHOD_ROWS.get(args.method, _SPECIFIC_ROWS)
+    if not (config.w_kd if config is not None else args.w_kd):
+        used = used - {"kd_temperature"}  # no logit term, no temperature
     rows = []
     for name in CARD_HYPERPARAMETERS:
-        value = getattr(args, name, None)
-        value = getattr(value, "value", value)  # enums such as optim and lr_scheduler_type
+        if name in _SPECIFIC_ROWS and name not in used:
+            continue
+        given = getattr(args, name, None)
+        value = resolved.get(name) if resolved.get(name) is not None else given
+        value, given = (getattr(v, "value", v) for v in (value, given))  # enums such as optim, lr_scheduler_type
         default = getattr(defaults.get(name), "value", defaults.get(name))
-        rows.append((name, value, value != default))
+        rows.append((name, value, given != default))
     return rows
 
 
@@ -143,14 +212,16 @@ def _metadata(facts: dict, card_data: MoMAModelCardData) -> ModelCardData:
         for name, value in metrics.items()
         if name != "loss"
     ]
-    teacher = facts["teacher"].removeprefix("hf-hub:") if facts["teacher_known"] else None
+    # Only a Hub teacher is a base model; a local folder means nothing on the Hub, and `ce` had no teacher.
+    teacher = facts["teacher"] if facts["distilled"] and facts["teacher_url"] else None
+    tags = TAGS + ["knowledge-distillation"] * facts["distilled"] + ["moma"] * facts["method"].startswith("moma")
     return ModelCardData(
         library_name="transformers",
         license=card_data.license,
         base_model=teacher,
-        base_model_relation="distillation",
+        base_model_relation="distillation" if teacher else None,
         datasets=[card_data.dataset_id] if card_data.dataset_id else None,
-        tags=TAGS + [t for t in card_data.extra_tags if t not in TAGS],
+        tags=tags + [t for t in card_data.extra_tags if t not in tags],
         pipeline_tag="image-classification",
         model_name=facts["model_name"] if results else None,
         eval_results=results or None,
