@@ -8,7 +8,14 @@ Routes (``{t}`` = ``models``/``datasets``/``spaces``, repo ids with or without a
 ``POST .../commit/{rev}`` (NDJSON ``header``/``file``/``deletedFile``/``deletedFolder``, ``create_pr=1``);
 ``HEAD|GET /[datasets/|spaces/]{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ETag`` = git blob sha1 as
 the real Hub sends for non-LFS files, ``Content-Length``, ``Range``); ``POST /api/validate-yaml``;
-``GET /api/agent-harnesses``. Each commit gets a new sha and moves its branch; old shas stay readable.
+``GET /api/agent-harnesses``; ``GET /api/whoami-v2``; ``GET /api/{t}/{repo}/auth-check[/write]``. Each commit
+gets a new sha and moves its branch; old shas stay readable.
+
+Tokens. By default any bearer token (or none) may read and write. Once ``add_token(token, role)`` has registered
+one, the server checks them as the Hub does: an unknown token gets 401 ``Invalid credentials in Authorization
+header`` on any route; a write (repo creation, commit, preupload, branch, ``auth-check/write``) needs a token of
+role ``write``: anonymous gets 401, a ``read`` token 403. Setting ``commit_error = (status, message)`` makes
+every commit fail (a full quota, say) while repo creation and ``auth-check`` still succeed.
 
 Errors carry ``X-Error-Code``, from which huggingface_hub picks its exception: a missing repo is ``RepoNotFound``
 (401 anonymous, 404 with a token), a gated repo ``GatedRepo`` (401 anonymous, 403 with a wrong token),
@@ -52,7 +59,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_ACTIONS = {"revision", "tree", "preupload", "commit", "branch", "refs"}
+_ACTIONS = {"revision", "tree", "preupload", "commit", "branch", "refs", "auth-check"}
 _GITATTRIBUTES = b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 
@@ -93,6 +100,8 @@ class LoopbackHub:
         self._counter = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.tokens: dict[str, str] = {}  # token -> "read" | "write"; empty: every request is allowed
+        self.commit_error: tuple[int, str] | None = None  # (status, message) to refuse every commit with
 
     @property
     def url(self) -> str:
@@ -136,6 +145,13 @@ class LoopbackHub:
             repo = self._repos[(repo_type, repo_id)] = _Repo(repo_type, repo_id, _now())
             self._new_commit(repo, "main", {".gitattributes": self._put_blob(_GITATTRIBUTES)}, "initial commit")
             return True
+
+    def add_token(self, token: str, role: str = "write") -> None:
+        """Register ``token`` with ``role`` ("read" or "write"); from then on tokens are checked (see Tokens)."""
+        if role not in ("read", "write"):
+            raise ValueError(f"role must be 'read' or 'write', not {role!r}")
+        with self._lock:
+            self.tokens[token] = role
 
     def gate(self, repo_id: str, token: str, repo_type: str = "model") -> None:
         """Gate ``repo_id`` (created if missing): downloading its files then needs ``Bearer {token}``."""
@@ -196,6 +212,7 @@ class LoopbackHub:
         segs = parts.path.strip("/").split("/")  # split before unquoting: a revision may hold %2F
         try:
             with self._lock:
+                self._check_token(method, segs, auth)
                 if segs[0] == "api":
                     return self._api(method, segs[1:], query, body, auth)
                 if "resolve" in segs and method in ("GET", "HEAD"):
@@ -206,9 +223,28 @@ class LoopbackHub:
         except (KeyError, ValueError, TypeError) as err:  # malformed request: 400, which is never retried
             return _error(HubError(400, None, f"Bad request: {err!r}"))
 
+    def _check_token(self, method: str, segs: list[str], auth: str | None) -> None:
+        if not self.tokens:
+            return
+        if auth is not None and auth not in self.tokens:
+            raise HubError(401, None, "Invalid credentials in Authorization header")
+        writes = (method in ("POST", "PUT", "DELETE") and segs[:2] != ["api", "validate-yaml"]) or (
+            segs[0] == "api" and segs[-2:] == ["auth-check", "write"]
+        )
+        if writes and auth is None:
+            raise HubError(401, None, "You must be authenticated to write to the Hub")
+        if writes and self.tokens[auth] != "write":
+            raise HubError(403, None, "You don't have the rights to write to this namespace with a read token")
+
     def _api(self, method, segs, query, body, auth):
         if segs == ["agent-harnesses"]:  # fetched by build_hf_headers to fill the user agent
             return _json({"standardEnvVars": [], "harnesses": {}})
+        if segs == ["whoami-v2"] and method == "GET":
+            if auth is None:
+                raise HubError(401, None, "Invalid credentials in Authorization header")
+            role = self.tokens.get(auth, "write")
+            return _json({"type": "user", "name": self.username, "orgs": [],
+                          "auth": {"type": "access_token", "accessToken": {"displayName": "loopback", "role": role}}})
         if segs == ["validate-yaml"] and method == "POST":
             return _json({"errors": [], "warnings": []})
         if segs == ["repos", "create"] and method == "POST":
@@ -232,8 +268,13 @@ class LoopbackHub:
                 for f in json.loads(body)["files"]
             ]
             return _json({"files": files})
+        if method == "POST" and action == "commit" and args and self.commit_error:
+            status, message = self.commit_error  # e.g. a storage quota reached
+            raise HubError(status, None, message)
         if method == "POST" and action == "commit" and args:
             return self._commit(repo, args[0], body, query.get("create_pr") == "1")
+        if method == "GET" and action == "auth-check":
+            return _json({})
         if method == "POST" and action == "branch" and args:
             if args[0] in repo.refs:
                 raise HubError(409, None, "Reference already exists")
