@@ -18,7 +18,7 @@ from moma_hf import MoMATrainer, MoMATrainingArguments
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
 from moma_hf.feature_cache import attach_feature_cache
-from moma_hf.hub import push_student
+from moma_hf.hub import check_push_access, push_student
 from moma_hf.model_card import MoMAModelCardData
 from moma_hf.modeling_baselines import distillation_model_class
 from moma_hf.students import build_student
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
     if not args.teacher_model_name_or_path:
         raise ValueError("Give a teacher with --teacher_model_name_or_path (Hub id or local folder).")
+    check_push_access(args)  # a student that could not be pushed fails now, not after training
     set_seed(args.seed)
     teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
                            trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     trainer.save_state()  # trainer_state.json: the log history (loss terms, data_wait_fraction) for later reading
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
     trainer.create_model_card()
     if args.push_to_hub:
         push_student(trainer, f"MoMA student distilled from {args.teacher_model_name_or_path}")

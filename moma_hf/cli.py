@@ -12,6 +12,7 @@ from transformers import HfArgumentParser
 
 from .data import PatchCollator, label_names, load_patch_dataset
 from .token_safety import warn_if_token_in_arguments
+from .token_safety import warn_if_token_in_arguments
 from .transforms import build_eval_transform, build_train_transform
 from .unlabelled import load_unlabelled_patches, mix_labelled_and_unlabelled
 
@@ -76,6 +77,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None, default_co
         index = argv.index("--config")
         config_path = Path(argv[index + 1])
         argv = _yaml_to_flags(config_path) + argv[:index] + argv[index + 2 :]
+    warn_if_token_in_arguments(argv)  # the flags of the YAML file are in argv by now
     warn_if_token_in_arguments(argv)  # the flags of the YAML file are in argv by now
     return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
 

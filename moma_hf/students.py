@@ -47,7 +47,7 @@ def build_student(
     if name_or_path == SAME_AS_TEACHER:
         if teacher is None:
             raise ValueError("student 'same-as-teacher' needs a teacher: set --teacher_model_name_or_path.")
-        return _same_as_teacher(teacher, labels), teacher.processor
+        return _without_remote_code_refs(_same_as_teacher(teacher, labels)), teacher.processor
     if "/" not in name_or_path and timm.is_model(name_or_path):
         return _timm_from_scratch(name_or_path, labels, image_size)
     hub = dict(revision=revision, token=token, trust_remote_code=trust_remote_code)
@@ -55,7 +55,19 @@ def build_student(
     model = AutoModelForImageClassification.from_pretrained(
         repo, ignore_mismatched_sizes=True, dtype=torch.float32, **labels, **hub
     )
-    return model, AutoImageProcessor.from_pretrained(repo, **hub)
+    return _without_remote_code_refs(model), AutoImageProcessor.from_pretrained(repo, **hub)
+
+
+def _without_remote_code_refs(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop `auto_map` from the config of a student built from transformers' own classes.
+
+    A source config's `auto_map` points at modelling code in the source repo; the exported student does not ship
+    that code, so its config must not refer to it (it loads through its `model_type` instead). A student whose
+    class is remote code (`trust_remote_code`) keeps it: transformers saves that code beside the weights.
+    """
+    if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None) is not None:
+        del model.config.auto_map
+    return model
 
 
 def _timm_from_scratch(architecture: str, labels: dict, image_size: int | None):
