@@ -21,11 +21,14 @@ import importlib.util
 import os
 import random
 import shlex
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from moma_hf.run_folder import unfinished_run_flags
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
@@ -35,6 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # the Trainer pickles the script's argument class into training_args.bin
     spec.loader.exec_module(module)
     return module
 
@@ -76,7 +80,8 @@ def prepare_teacher(spec: dict, teacher_part: Path, work: Path) -> str:
     if not (out / "config.json").exists():
         data = link_subset(list_images(teacher_part), work / "teacher_data", spec.get("grouping"))
         flags = [f"--{k}={v}" for k, v in spec.get("train_args", {}).items()]
-        _load_example("train_teacher").main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"])
+        _load_example("train_teacher").main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"]
+                                            + unfinished_run_flags(out))
     return str(out)
 
 
@@ -99,7 +104,9 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
                  "train_dir": train_dir, "validation_dir": test_dir, "teacher_model_name_or_path": teacher,
                  "student_model_name_or_path": config["student"], "output_dir": out, "report_to": "none",
                  "save_strategy": "no", "disable_tqdm": True}
-        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + list(extra_flags) + extra)
+        # A run stopped mid-way (SIGTERM, a crash) resumes from its last checkpoint, else starts again.
+        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + list(extra_flags) + extra
+                                             + unfinished_run_flags(out))
         if code:
             raise RuntimeError(f"{variant} seed {seed} stopped with exit code {code}")
     import json
