@@ -36,7 +36,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from moma_hf.cli import parse_args
 from moma_hf.collator import UNREADABLE, PatchCollator
-from moma_hf.data import label_names, load_patch_dataset
+from moma_hf.data import check_local_source, label_names, load_patch_dataset
 from moma_hf.evaluation import confusion_matrix, prediction_metrics, save_evaluation, score_readable
 from moma_hf.transforms import build_eval_transform, normalization_from_processor
 
@@ -131,6 +131,7 @@ def model_label_names(model) -> list[str]:
 
 def load_split(args: EvalDataArguments):
     """The split to evaluate on, as a `load_patch_dataset` dataset (optionally its first `max_samples`)."""
+    check_local_source(args.data_dir, "--data_dir")
     dataset = load_patch_dataset(
         args.dataset_name or args.data_dir, args.split, streaming=args.streaming, name=args.dataset_config_name,
         revision=args.dataset_revision if args.dataset_name else None, image_column=args.image_column_name,

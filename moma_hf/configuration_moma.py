@@ -123,6 +123,9 @@ class MoMAConfig(PretrainedConfig):
         """Reject settings that cannot work, with the reason and the fix."""
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
+        if not isinstance(self.num_attention_heads, int) or self.num_attention_heads < 1:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} (--attention_heads) must be a positive "
+                             "integer that divides projection_dim: the paper uses 4 heads.")
         if self.projection_dim <= 0 or self.projection_dim % self.num_attention_heads:
             raise ValueError(
                 f"projection_dim={self.projection_dim} must be a positive multiple of "

@@ -52,11 +52,13 @@ from typing import Iterator
 import datasets
 
 from .collator import BadImageWarning, PatchCollator  # noqa: F401 - part of this module's API
+from .names import looks_like_local_path
 from .transforms import load_rgb_image
 
 __all__ = [
     "BadImageWarning",
     "PatchCollator",
+    "check_local_source",
     "label_names",
     "load_patch_dataset",
     "load_rgb_image",
@@ -140,7 +142,7 @@ def _load_raw(source, split, streaming, name, revision, data_files, token):
         if not files:
             raise ValueError(f"No file matches the pattern '{source}'. Check the path and the glob.")
     elif not path.exists():
-        if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix in (".parquet", ".tar"):
+        if looks_like_local_path(source) or path.suffix in (".parquet", ".tar"):
             raise ValueError(f"The data path '{source}' does not exist. Check the path (relative to {os.getcwd()}).")
         return _load_hub(source, split, streaming, name, revision, data_files, token), _INPUT_SHARDS
     elif path.is_file():
@@ -160,6 +162,17 @@ def _load_raw(source, split, streaming, name, revision, data_files, token):
     if kind == "parquet":
         _check_parquet_rows(files)
     return datasets.load_dataset(kind, data_files={split: files}, split=split, streaming=streaming), _INPUT_SHARDS
+
+
+def check_local_source(source: str | None, flag: str) -> None:
+    """Raise at once when the local-data flag ``flag`` names a path that does not exist.
+
+    :func:`load_patch_dataset` would read a missing ``data/patches`` as a Hub dataset id and wait on the Hub;
+    a flag meant for local data (``--train_dir``) never falls back to it. Glob patterns are checked when loading.
+    """
+    if source and not any(char in source for char in "*?[") and not Path(source).expanduser().exists():
+        raise ValueError(f"{flag} {source!r} does not exist (relative to {os.getcwd()}). Check the path; for a "
+                         "dataset on the Hub, use --dataset_name.")
 
 
 def _check_parquet_rows(files) -> None:

@@ -9,12 +9,15 @@ A student is one of:
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel, TimmWrapperConfig
 from transformers import TimmWrapperImageProcessor
 
 from .backbones import backbone_tensors
+from .names import ModelLoadError, check_hub_model
 from .teachers import Teacher
 
 SAME_AS_TEACHER = "same-as-teacher"
@@ -52,6 +55,7 @@ def build_student(
         return _timm_from_scratch(name_or_path, labels, image_size)
     hub = dict(revision=revision, token=token, trust_remote_code=trust_remote_code)
     repo = name_or_path.removeprefix("hf-hub:")
+    _check_student_name(repo, revision, token)
     model = AutoModelForImageClassification.from_pretrained(
         repo, ignore_mismatched_sizes=True, dtype=torch.float32, **labels, **hub
     )
@@ -68,6 +72,20 @@ def _without_remote_code_refs(model: PreTrainedModel) -> PreTrainedModel:
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None) is not None:
         del model.config.auto_map
     return model
+
+
+def _check_student_name(repo: str, revision: str, token: str | bool | None) -> None:
+    """Fail at once for a name that is no model anywhere; for a bare name, suggest the nearest timm architectures."""
+    try:
+        check_hub_model(repo, revision, token, "Student", "the student's revision")
+    except ModelLoadError as error:
+        if "/" in repo:
+            raise
+        nearest = difflib.get_close_matches(repo, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelLoadError(
+            f"Student {repo!r} is neither a timm architecture (nearest names: {', '.join(nearest) or 'none'}; "
+            f"see timm.list_models()) nor a loadable model: {error}"
+        ) from error
 
 
 def _timm_from_scratch(architecture: str, labels: dict, image_size: int | None):

@@ -8,27 +8,19 @@ pinned revision, with the token from the usual huggingface_hub place (`HF_TOKEN`
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, PreTrainedModel
 
 from .backbones import CLS_TOKEN_MODEL_TYPES, classifier_head, feature_dim, input_size
+from .names import ModelLoadError, check_hub_model
 from .transforms import normalization_from_processor
 
 logger = logging.getLogger(__name__)
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(ModelLoadError):
     """A teacher could not be loaded; the message says why and what to do."""
 
 
@@ -76,7 +68,8 @@ def load_teacher(
     """
     repo = name_or_path.removeprefix("hf-hub:")
     hub = dict(revision=revision, token=token, trust_remote_code=trust_remote_code)
-    _check_reachable(repo, revision, token)
+    # Missing folders, unreachable Hubs, gated or missing repos: a clear message now, before transformers wraps them.
+    check_hub_model(repo, revision, token, "Teacher", "--teacher_model_revision", TeacherLoadError)
     config = AutoConfig.from_pretrained(repo, **hub)
     init_kwargs = dict(model_init_kwargs or {})
     if config.model_type == "timm_wrapper":
@@ -124,35 +117,3 @@ def _load_processor(repo: str, hub: dict):
     except (OSError, ValueError) as error:
         logger.warning("No image processor found for %s (%s); using the config's normalisation.", repo, error)
         return None
-
-
-def _check_reachable(repo: str, revision: str, token: str | bool | None) -> None:
-    """Turn the Hub's typed errors into messages that say what to do, before transformers wraps them."""
-    if os.path.isdir(repo):
-        return
-    where = f"{repo!r} (revision {revision!r})"
-    try:
-        hf_hub_download(repo, "config.json", revision=revision, token=token)
-    except GatedRepoError as error:
-        raise TeacherLoadError(
-            f"Teacher {where} is gated. Accept its conditions on its Hub page, then log in with `hf auth login` "
-            "or set HF_TOKEN (a token with read access), and run again."
-        ) from error
-    except RevisionNotFoundError as error:
-        raise TeacherLoadError(
-            f"Teacher {repo!r} has no revision {revision!r}: check --teacher_model_revision."
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise TeacherLoadError(
-            f"Teacher {where} does not exist on the Hub and is not a local folder. Check the id (timm models: "
-            "'timm/<name>' or 'hf-hub:<org>/<name>'); for a private repo, log in with `hf auth login`."
-        ) from error
-    except EntryNotFoundError as error:
-        raise TeacherLoadError(
-            f"Teacher {where} has no config.json, so it is not a transformers or timm model repo."
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise TeacherLoadError(
-            f"Teacher {where} is not in the local cache and the Hub cannot be reached ({error}). Check your "
-            "connection or HF_ENDPOINT, or pass a local folder."
-        ) from error

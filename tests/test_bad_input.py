@@ -73,3 +73,133 @@ def test_a_short_run_with_too_many_unreadable_images_never_ends_successfully(sma
                                                         r"allowed 1\.00%.*--max_bad_image_fraction"):
             trainer.train()
     assert trainer.state.global_step == 4
+
+
+# ---- names that do not exist ------------------------------------------------------------------------
+_LOAD_AND_TIME = """
+import sys, time
+from moma_hf.students import build_student
+from moma_hf.teachers import load_teacher
+start = time.perf_counter()  # the load alone, not the imports
+try:
+    if sys.argv[1] == "teacher":
+        load_teacher(sys.argv[2])
+    else:
+        build_student(sys.argv[2], {0: "tumour", 1: "normal"})
+except Exception as error:
+    print(f"{time.perf_counter() - start:.1f}")
+    print(type(error).__name__, error)
+"""
+
+
+def _load_in_child(tmp_path, kind: str, name: str, **env) -> tuple[float, str]:
+    """`(seconds the load took, the error it raised)` in a fresh interpreter that reads the Hub settings of `env`."""
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    child_env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost", **env)
+    result = subprocess.run([sys.executable, "-c", _LOAD_AND_TIME, kind, name], env=child_env, capture_output=True,
+                            text=True, timeout=300)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) >= 2, f"the load did not fail: {result.stdout}\n{result.stderr[-3000:]}"
+    return float(lines[0]), "\n".join(lines[1:])
+
+
+def _closed_port_endpoint() -> dict:
+    from conftest import free_port
+
+    return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+
+
+@pytest.mark.parametrize("offline", ["closed port", "HF_HUB_OFFLINE=1"])
+def test_a_hub_teacher_without_a_reachable_hub_fails_at_once_saying_so(tmp_path, offline):
+    env = _closed_port_endpoint() if offline == "closed port" else {"HF_HUB_OFFLINE": "1"}
+    seconds, error = _load_in_child(tmp_path, "teacher", "owkin/phikon", **env)
+    assert error.startswith("TeacherLoadError") and "not in the local cache, and the Hub cannot be reached" in error
+    assert ("HF_HUB_OFFLINE=1 is set" if offline != "closed port" else "did not answer (ConnectError") in error
+    assert "has no config.json" not in error
+    assert seconds < 20, f"took {seconds} s: the client's retries were not skipped"  # ~25 s with 5 retries
+
+
+def test_an_unknown_student_name_suggests_timm_architectures(tmp_path):
+    seconds, error = _load_in_child(tmp_path, "student", "resnet181", **_closed_port_endpoint())
+    assert error.startswith("ModelLoadError")
+    assert "'resnet181' is neither a timm architecture (nearest names: resnet18," in error
+    assert "the Hub cannot be reached" in error and seconds < 20
+
+
+def test_an_unknown_student_name_on_a_reachable_hub_says_it_is_not_there(hub):
+    from moma_hf.names import ModelLoadError
+    from moma_hf.students import build_student
+
+    with pytest.raises(ModelLoadError, match=r"neither a timm architecture \(nearest names: resnet18.*does not exist "
+                                             r"on the Hub"):
+        build_student("resnet181", {0: "tumour", 1: "normal"})
+    assert any(path.startswith("/resnet181/resolve/main/config.json") for _, path, _ in hub.requests)
+
+
+@pytest.mark.parametrize("path", ["/tmp/no_such_teacher", "./no_such_teacher", "outputs/runs/no_such_teacher"])
+def test_a_missing_local_teacher_folder_is_named_as_such(path):
+    from moma_hf.teachers import TeacherLoadError, load_teacher
+
+    with pytest.raises(TeacherLoadError, match=rf"'{path}' looks like a local path, but this folder does not exist"):
+        load_teacher(path)
+
+
+def test_a_missing_train_dir_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    import time
+
+    from moma_hf.cli import load_datasets
+
+    monkeypatch.chdir(tmp_path)  # "data/patches" could be a Hub dataset id; as --train_dir it is a local path
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"--train_dir 'data/patches' does not exist \(relative to .*--dataset_name"):
+        load_datasets(DataArguments(train_dir="data/patches"), streaming=False)
+    assert time.perf_counter() - start < 20
+
+
+# ---- configuration edge cases ----------------------------------------------------------------------
+def _parse(*argv):
+    from moma_hf.cli import parse_args
+    from moma_hf.trainer_moma import MoMATrainingArguments
+
+    return parse_args((DataArguments, MoMATrainingArguments), ["--train_dir", "examples/demo_data",
+                                                                "--output_dir", "out", *argv])
+
+
+def test_zero_attention_heads_is_refused_with_the_flag_and_a_fix():
+    from moma_hf.configuration_moma import MoMAConfig
+
+    _, args = _parse("--attention_heads", "0")
+    with pytest.raises(ValueError, match=r"num_attention_heads=0 \(--attention_heads\) must be a positive integer"):
+        MoMAConfig(**args.moma_config_kwargs())
+    with pytest.raises(ValueError, match=r"projection_dim=512 must be a positive multiple of num_attention_heads=3"):
+        MoMAConfig(num_attention_heads=3)
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("- learning_rate: 0.1\n- queue_size: 128\n")
+    with pytest.raises(ValueError, match=rf"config file {config} holds a list; it must hold a mapping"):
+        _parse("--config", str(config))
+
+
+def test_config_with_an_equals_sign_is_read(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("queue_size: 128\nlearning_rate: 0.01\n")
+    _, args = _parse(f"--config={config}", "--queue_size", "256")
+    assert args.learning_rate == 0.01 and args.queue_size == 256  # the file's value, and the flag over the file
+
+
+def test_a_prefix_of_a_flag_is_an_error_not_that_flag():
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--learning_rat', '0.1'\]"):
+        _parse("--learning_rat", "0.1")
+
+
+def test_an_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("queue_size: 128\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=rf"{config} has unknown keys: 'learning_rat' \(did you mean 'learning_rate'"):
+        _parse("--config", str(config))
