@@ -62,6 +62,23 @@ def build_student(
     return _without_remote_code_refs(model), AutoImageProcessor.from_pretrained(repo, **hub)
 
 
+def save_student(student: PreTrainedModel, output_dir: str) -> None:
+    """Save the student with `save_pretrained`; a timm student (TimmWrapper) in timm's own layout.
+
+    Besides transformers, timm's loader (`timm.create_model("hf-hub:...")` / `"local-dir:..."`) must read a timm
+    student, so its `config.json` gets `model_args: {}` (timm calls `model_args.get`, which a null fails) and its
+    weights are saved without the wrapper's `timm_model.` prefix (transformers adds the prefix back on load, but
+    only strips it on save for a model that `from_pretrained` built, not for one built from a config).
+    """
+    if getattr(student.config, "model_type", None) != "timm_wrapper":
+        student.save_pretrained(output_dir)
+        return
+    if student.config.model_args is None:
+        student.config.model_args = {}
+    state_dict = {key.removeprefix("timm_model."): value for key, value in student.state_dict().items()}
+    student.save_pretrained(output_dir, state_dict=state_dict)
+
+
 def _without_remote_code_refs(model: PreTrainedModel) -> PreTrainedModel:
     """Drop `auto_map` from the config of a student built from transformers' own classes.
 

@@ -21,6 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .bad_image_limit import BadImageLimitCallback
 from .configuration_moma import METHODS, TEACHER_UPDATES
 from .streaming import EndlessStream
+from .students import save_student
 from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
 from .run_folder import OutputDirArguments
 from .token_safety import TokenSafeArgumentsMixin
@@ -281,7 +282,7 @@ class MoMATrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.moma_model.student.save_pretrained(output_dir)
+        save_student(self.moma_model.student, output_dir)  # a timm student in the layout timm also loads
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         # JSON, not the pickled args: it redacts tokens and never needs unpickling.
