@@ -15,13 +15,15 @@ from transformers import set_seed
 from transformers.utils import logging
 
 from moma_hf import MoMATrainer, MoMATrainingArguments
+from moma_hf.backbones import input_size
 from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
 from moma_hf.feature_cache import attach_feature_cache
 from moma_hf.hub import check_push_access, push_student
 from moma_hf.model_card import MoMAModelCardData
 from moma_hf.modeling_baselines import distillation_model_class
-from moma_hf.students import build_student
+from moma_hf.run_folder import check_output_dir, prepare_output_dir
+from moma_hf.students import SAME_AS_TEACHER, build_student
 from moma_hf.teachers import load_teacher
 from moma_hf.transforms import normalization_from_processor
 
@@ -39,29 +41,61 @@ class CardArguments:
     dataset_citation: str | None = field(default=None, metadata={"help": "Attribution text for the data."})
 
 
+def needs_teacher(args: MoMATrainingArguments) -> bool:
+    """Every method but `ce` distils a teacher; a `same-as-teacher` student is built from one in any case."""
+    return args.method != "ce" or args.student_model_name_or_path == SAME_AS_TEACHER
+
+
+def load_run_teacher(args: MoMATrainingArguments):
+    """The run's `Teacher`, or None for a `ce` run, whose teacher (from a config file, say) is not loaded."""
+    if not needs_teacher(args):
+        if args.teacher_model_name_or_path:
+            logger.info(f"--method ce trains without a teacher: {args.teacher_model_name_or_path} is not loaded.")
+            args.teacher_model_name_or_path = None  # so no config, card or saved argument names an unused teacher
+        return None
+    return load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
+                        trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
+
+
+def build_model(args: MoMATrainingArguments, teacher, labels: list[str], image_size: int | None):
+    """`(distillation model, student's image processor, image size)`; logs every loss term that is off, and why.
+
+    Without `--image_size` the size is the teacher's input, or with no teacher the student's own.
+    """
+    image_size = image_size or (teacher.input_size if teacher else None)
+    student, processor = build_student(args.student_model_name_or_path, dict(enumerate(labels)), teacher=teacher,
+                                       image_size=image_size, token=args.hub_token,
+                                       trust_remote_code=args.trust_remote_code)
+    distils = args.method != "ce"  # a `ce` run loads a teacher only as a same-as-teacher student's weights
+    model = distillation_model_class(args.method).from_student_and_teacher(
+        student, teacher.model if distils else None, teacher.id2label if distils else None,
+        **args.moma_config_kwargs()
+    )
+    if args.process_index == 0:
+        for term, reason in model.config.switched_off_terms().items():
+            logger.warning(f"{term} is off for this run: {reason}.")
+    return model, processor, image_size or input_size(student)
+
+
 def main(argv=None) -> int:
     """Run the distillation job; returns the process exit code."""
     data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv, DEMO_CONFIG)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
-    if not args.teacher_model_name_or_path:
-        raise ValueError("Give a teacher with --teacher_model_name_or_path (Hub id or local folder).")
+    if needs_teacher(args) and not args.teacher_model_name_or_path:
+        raise ValueError(f"--method {args.method} needs a teacher: give --teacher_model_name_or_path (Hub id or local "
+                         "folder), or use --method ce to train the student on its labels alone.")
+    check_output_dir(args, args.overwrite_output_dir)  # refuse a used folder now, not after minutes of loading
     check_push_access(args)  # a student that could not be pushed fails now, not after training
     set_seed(args.seed)
-    teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
-                           trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
+    teacher = load_run_teacher(args)
     train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
-    image_size = data_args.image_size or teacher.input_size
-    student, processor = build_student(args.student_model_name_or_path, dict(enumerate(labels)), teacher=teacher,
-                                       image_size=image_size, token=args.hub_token,
-                                       trust_remote_code=args.trust_remote_code)
-    model = distillation_model_class(args.method).from_student_and_teacher(
-        student, None if args.method == "ce" else teacher.model, teacher.id2label, **args.moma_config_kwargs()
-    )
+    model, processor, image_size = build_model(args, teacher, labels, data_args.image_size)
     train_collator, eval_collator = build_collators(
-        data_args, image_size, len(labels), normalization_from_processor(processor), (teacher.mean, teacher.std),
-        seed=args.seed,
+        data_args, image_size, len(labels), normalization_from_processor(processor),
+        (teacher.mean, teacher.std) if model.teacher is not None else None, seed=args.seed,
     )
+    prepare_output_dir(args, args.overwrite_output_dir)  # with --overwrite_output_dir: delete the old run now
     if args.cache_teacher_features:
         facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
                  "image_size": image_size, "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}

@@ -152,6 +152,36 @@ class MoMAConfig(PretrainedConfig):
                 "feature method (moma, fitnet, rkd, crd) instead of kd/dkd."
             )
 
+    def switched_off_terms(self) -> dict[str, str]:
+        """`{loss term: why it is off}` for each term of this method's loss that contributes nothing.
+
+        The terms are those of `method` (`moma`: ce, kd, moma; `kd`/`dkd`: ce and the logit term; `fitnet`,
+        `rkd`, `crd`: ce and the feature term; `ce`: ce); a term is off when its weight is 0, and logit KD also
+        when the teacher's label space is not the student's (the usual reason it goes off unasked).
+        """
+        off = {"loss_ce": "w_ce=0"} if self.w_ce == 0 else {}
+        if self.method in MOMA_METHODS or self.method in ("kd", "dkd"):
+            if not self.same_label_space:
+                off["loss_kd"] = self._label_space_mismatch()
+            elif self.w_kd == 0:
+                off["loss_kd"] = "w_kd=0"
+        if self.method in MOMA_METHODS and self.w_moma == 0:
+            off["loss_moma"] = "w_moma=0"
+        if self.method in DEFAULT_FEATURE_WEIGHTS and self.w_feature == 0:
+            off[f"loss_{self.method}"] = "w_feature=0"
+        return off
+
+    def _label_space_mismatch(self) -> str:
+        teacher, student = _names(self.teacher_id2label), _names(self.id2label)
+        if not teacher:
+            name = f" {self.teacher_name_or_path}" if self.teacher_name_or_path else ""
+            return f"the teacher{name} has no classifier head, so it gives no logits"
+        why = f"the teacher's labels {_short(teacher)} differ from the student's {_short(student)}"
+        if student == [str(i) for i in range(len(student))] and len(student) == len(teacher):
+            why += (" (the label column holds plain integers, so its classes are named '0', '1', ...; if class i "
+                    "is the teacher's class i, give the data those names: class folders, or a ClassLabel column)")
+        return why
+
     def build_student_config(self) -> PretrainedConfig:
         """The student's own config object, rebuilt from `student_config`."""
         return _config_from_dict(self.student_config)
@@ -167,6 +197,11 @@ def _as_dict(config: PretrainedConfig | dict | None) -> dict | None:
 
 def _names(id2label: dict | None) -> list[str]:
     return [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
+
+
+def _short(names: list[str], limit: int = 12) -> str:
+    more = f", ... {len(names)} in all" if len(names) > limit else ""
+    return "[" + ", ".join(map(repr, names[:limit])) + more + "]"
 
 
 def _config_from_dict(config_dict: dict) -> PretrainedConfig:
