@@ -2,7 +2,7 @@
 
     python examples/train_teacher.py --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \
         --output_dir nct-teacher --num_train_epochs 5
-    python examples/train_teacher.py --config examples/configs/demo_teacher.yaml   # the bundled demo teacher
+    python examples/train_teacher.py --config examples/configs/demo_teacher.yaml --overwrite_output_dir  # the demo teacher
 
 The model is a Hub id or local path (fine-tuned with a new head for the dataset's labels), a timm architecture
 name built from scratch, or a transformers `--model_type` built from scratch with `--config_overrides`.
