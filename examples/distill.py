@@ -20,6 +20,7 @@ from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_arg
 from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
 from moma_hf.feature_cache import attach_feature_cache
 from moma_hf.hub import check_push_access, push_student
+from moma_hf.launcher import notify_launcher
 from moma_hf.model_card import MoMAModelCardData
 from moma_hf.modeling_baselines import distillation_model_class
 from moma_hf.run_folder import check_output_dir, prepare_output_dir
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
         if trainer.is_world_process_zero():
             logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same "
                            f"command plus --resume_from_checkpoint {checkpoint}")
+        notify_launcher()  # so that `accelerate launch` exits 143 too, not 1 (see moma_hf/launcher.py)
         return PREEMPTED_EXIT_CODE
     trainer.save_metrics("train", result.metrics)  # train_results.json: runtime, samples per second, loss
     trainer.save_state()  # trainer_state.json: the log history (loss terms, data_wait_fraction) for later reading

@@ -3,21 +3,31 @@
 - `StepGuard` runs once per optimiser step, before the optimiser touches the weights. It stops the run with a
   `NonFiniteLossError` when any process saw a NaN/Inf loss term, and turns SIGTERM (a pre-empted cluster job)
   into "save a checkpoint after this step, then stop". Both flags travel in one all-reduce, so every process
-  takes the same decision at the same step.
+  takes the same decision at the same step. On steps that save, and before the final export, it also checks
+  that every tensor of the model state (parameters and buffers: BatchNorm statistics, the key queue) is
+  finite, and stops with a `NonFiniteStateError` naming the tensors otherwise.
+- `ResumeLearningRate` makes a `--learning_rate` given on resume take effect (the Trainer would restore the
+  checkpoint's schedule), so the advice after a NaN, "resume with a lower learning rate", works.
 - `publish_checkpoint` moves a fully written checkpoint from a staging folder to `checkpoint-N` with one
   rename, so a crash mid-save never leaves a half-written `checkpoint-N` for resume to pick.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import shlex
 import shutil
 import signal
+import sys
 import threading
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .launcher import follow_launcher, reroute_orphaned_output
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +39,12 @@ class NonFiniteLossError(RuntimeError):
     """A loss term was NaN or Inf; raised before the optimiser step, so the weights are still the last good ones."""
 
 
+class NonFiniteStateError(RuntimeError):
+    """A tensor of the model state (parameter or buffer) holds NaN or Inf; raised before it is saved or exported."""
+
+
 class StepGuard(TrainerCallback):
-    """Stop on non-finite losses and save-then-stop on SIGTERM, agreed across processes once per step.
+    """Stop on non-finite losses or state, and save-then-stop on SIGTERM, agreed across processes.
 
     Args:
         accelerator: the Trainer's `Accelerator` (for the all-reduce).
@@ -43,6 +57,7 @@ class StepGuard(TrainerCallback):
         self._bad: torch.Tensor | None = None
         self._sigterm = False
         self._previous_handler = None
+        self._checked_step: int | None = None
         self.stopped_by_signal = False
 
     def record(self, values: torch.Tensor) -> None:
@@ -51,18 +66,24 @@ class StepGuard(TrainerCallback):
         self._bad = bad if self._bad is None else self._bad | bad
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.stopped_by_signal = False
+        self._checked_step = None
         # Signal handlers can only be installed from the main thread (a notebook's cell thread may not be).
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            follow_launcher()  # a launcher that dies (even by SIGKILL) sends us SIGTERM: checkpoint, not orphan
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+        # The state the caller exports next (save_model) must be finite too.
+        self._check_state(args, state, model)
 
     def _on_sigterm(self, signum, frame):
         # Only a flag: the step in flight finishes, then every process saves the same checkpoint.
         self._sigterm = True
+        reroute_orphaned_output()  # the signal may say that the launcher, which read our stderr, has died
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._bad is None:
@@ -73,21 +94,126 @@ class StepGuard(TrainerCallback):
         self._bad = None
         bad_terms = [name for name, flag in zip(self.term_names, flags[:-1].tolist()) if flag > 0]
         if bad_terms:
-            raise NonFiniteLossError(_non_finite_message(state.global_step + 1, bad_terms, args.output_dir))
+            raise NonFiniteLossError(_non_finite_loss_message(state.global_step + 1, bad_terms, args))
         if flags[-1].item() > 0:
             logger.warning("SIGTERM received: saving checkpoint-%d, then stopping.", state.global_step + 1)
             self.stopped_by_signal = True
             control.should_save = True
             control.should_training_stop = True
 
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Runs after DefaultFlowCallback (the Trainer's first callback) has set `should_save` for this step, and
+        # before the Trainer saves. With save_strategy="best" the save follows an evaluation.
+        if control.should_save or (control.should_evaluate and args.save_strategy == "best"):
+            self._check_state(args, state, model)
 
-def _non_finite_message(step: int, terms: list[str], output_dir: str) -> str:
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save or (control.should_evaluate and args.save_strategy == "best"):
+            self._check_state(args, state, model)
+
+    def _check_state(self, args, state, model) -> None:
+        if model is None or self._checked_step == state.global_step:
+            return
+        bad = non_finite_tensors(self.accelerator.unwrap_model(model), self.accelerator)
+        self._checked_step = state.global_step
+        if bad:
+            raise NonFiniteStateError(_non_finite_state_message(state.global_step, bad, args))
+
+
+def non_finite_tensors(module: torch.nn.Module, accelerator=None) -> list[str]:
+    """Names of the parameters and buffers of `module` that hold a NaN or Inf, on any process.
+
+    One fused max-abs reduction over every floating tensor and one host sync (plus one all-reduce when
+    `accelerator` runs several processes), so it is cheap enough for every checkpoint.
+    """
+    named = [(name, tensor.detach()) for name, tensor in itertools.chain(module.named_parameters(),
+                                                                        module.named_buffers())
+             if tensor.is_floating_point()]
+    if not named:
+        return []
+    # The infinity norm has no value on an empty tensor (a shard can be empty); such a tensor is finite.
+    tensors = [t if t.numel() else t.new_zeros(1) for _, t in named]
+    device = tensors[0].device
+    flags = torch.stack([(~torch.isfinite(m)).to(device) for m in torch._foreach_norm(tensors, float("inf"))])
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.float(), reduction="sum")
+    return [name for (name, _), flag in zip(named, flags.tolist()) if flag]
+
+
+class ResumeLearningRate(TrainerCallback):
+    """On resume, make `args.learning_rate` the peak learning rate of the restored schedule.
+
+    The Trainer restores the checkpoint's optimiser and scheduler, whose base learning rates are the old run's,
+    so a lower `--learning_rate` given with `--resume_from_checkpoint` would be ignored. `on_train_begin` runs
+    after that restore: it rescales every group's `lr` and `initial_lr` and the scheduler's `base_lrs` by
+    new / old, keeping the schedule's shape and position, and logs that it did. Same learning rate: no change.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # unwrap accelerate's AcceleratedScheduler
+        base_lrs = getattr(scheduler, "base_lrs", None)
+        if state.global_step == 0 or optimizer is None or not base_lrs or not base_lrs[0]:
+            return
+        factor = args.learning_rate / base_lrs[0]
+        if factor == 1.0:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        scheduler.base_lrs = [lr * factor for lr in base_lrs]
+        if hasattr(scheduler, "_last_lr"):  # what get_last_lr() (and the Trainer's log) reports until next step
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        logger.warning("Resumed at step %d with --learning_rate %g; the checkpoint's schedule peaked at %g. "
+                       "Learning rates rescaled by %g.", state.global_step, args.learning_rate, base_lrs[0], factor)
+
+
+def _resume_advice(args) -> str:
+    """How to continue: the last checkpoint with a tenth of the learning rate, as a command when one is known."""
+    checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    flags = ["--learning_rate", f"{args.learning_rate / 10:g}"]
+    flags += ["--resume_from_checkpoint", checkpoint] if checkpoint else []
+    where = f"from {checkpoint}" if checkpoint else "from scratch (no checkpoint was saved)"
+    advice = (f"Continue {where} with a lower learning rate, which takes effect on resume: rerun with "
+              f"{shlex.join(flags)}")
+    script = sys.argv[0] if sys.argv else ""
+    if script.endswith(".py") and os.path.basename(script) != "__main__.py":
+        advice += f", e.g. (with your launcher's options, if any):\n  {relaunch_command(sys.argv, flags)}"
+    return advice
+
+
+def relaunch_command(argv: list[str], flags: list[str]) -> str:
+    """`accelerate launch` + `argv` (script and arguments) with every flag in `flags` replaced or added."""
+    replaced = {flag for flag in flags if flag.startswith("--")}
+    kept, tokens = [], iter(argv)
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if name in replaced:
+            if "=" not in token:
+                next(tokens, None)  # drop its value too
+            continue
+        kept.append(token)
+    return shlex.join(["accelerate", "launch", *kept, *flags])
+
+
+def _non_finite_loss_message(step: int, terms: list[str], args) -> str:
     return (
         f"Non-finite loss at optimiser step {step}: {', '.join(terms)} is NaN or Inf. The run stopped before this "
-        f"step changed any weight; the checkpoints in {output_dir} hold only finite weights. Usual fixes: lower "
-        "--learning_rate or set --max_grad_norm; use --bf16 instead of --fp16 (fp16 overflows); raise "
-        "--contrastive_temperature if loss_moma is the term; check the images for blank or constant patches. "
-        "Then continue with --resume_from_checkpoint (the last checkpoint-* folder)."
+        f"step changed any weight; the checkpoints in {args.output_dir} hold only finite tensors (each is "
+        "checked before it is written). Usual fixes: lower --learning_rate or set --max_grad_norm; use --bf16 "
+        "instead of --fp16 (fp16 overflows); raise --contrastive_temperature if loss_moma is the term; check the "
+        f"images for blank or constant patches. {_resume_advice(args)}"
+    )
+
+
+def _non_finite_state_message(step: int, names: list[str], args) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"Non-finite model state after optimiser step {step}: {len(names)} tensor(s) hold NaN or Inf ({shown}). "
+        f"Nothing was saved at this step; the checkpoints in {args.output_dir} hold only finite tensors (each is "
+        "checked before it is written). The weights diverged: lower --learning_rate or set --max_grad_norm; "
+        "non-finite BatchNorm running statistics come from huge activations. "
+        f"{_resume_advice(args)}"
     )
 
 

@@ -22,7 +22,7 @@ from .bad_image_limit import BadImageLimitCallback
 from .configuration_moma import METHODS, TEACHER_UPDATES
 from .streaming import EndlessStream
 from .students import save_student
-from .fault_tolerance import STAGING_DIR, StepGuard, publish_checkpoint
+from .fault_tolerance import STAGING_DIR, ResumeLearningRate, StepGuard, publish_checkpoint
 from .run_folder import OutputDirArguments
 from .token_safety import TokenSafeArgumentsMixin
 
@@ -173,8 +173,10 @@ class MoMATrainer(Trainer):
     `create_model_card` (a MoMA card), `_get_dataloader` (evaluation may use its own `eval_data_collator`) and
     `get_batch_samples` (timed: `log` adds `data_wait_fraction`, the share of wall time spent waiting for data).
     Keys are gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
-    A NaN/Inf loss term raises `NonFiniteLossError` before the weights change; SIGTERM saves a checkpoint and
-    stops, after which `stopped_by_signal` is True (see `fault_tolerance.py`).
+    A NaN/Inf loss term raises `NonFiniteLossError` before the weights change, and a NaN/Inf parameter or buffer
+    raises `NonFiniteStateError` before it is saved or exported; SIGTERM saves a checkpoint and stops, after
+    which `stopped_by_signal` is True; a `--learning_rate` given on resume replaces the checkpoint's (see
+    `fault_tolerance.py`).
     """
 
     def __init__(self, *args, eval_data_collator=None, model_card_data=None, **kwargs):
@@ -201,6 +203,7 @@ class MoMATrainer(Trainer):
         self.loss_terms = (*self.moma_model.loss_terms, "labelled_fraction")
         self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))
         self.add_callback(self.step_guard)
+        self.add_callback(ResumeLearningRate())
 
     @property
     def stopped_by_signal(self) -> bool:
