@@ -38,8 +38,10 @@ Distribution
 
 Bad input
     :class:`PatchCollator` skips undecodable images with a :class:`BadImageWarning` that names the file,
-    counts them, keeps the batch size constant by re-augmenting a good image of the same batch, and
-    raises once the bad fraction passes ``max_bad_fraction``.
+    counts them, keeps the batch size constant by re-augmenting a good image of the same batch (in
+    evaluation, ``skip_bad_images``: by marking the slot ``UNREADABLE`` so metrics leave it out), and
+    raises once the bad fraction passes ``max_bad_fraction``. Local-data flags are checked with
+    :func:`check_local_source`, so a missing folder never becomes a Hub dataset id.
 """
 from __future__ import annotations
 

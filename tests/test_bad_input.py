@@ -203,3 +203,22 @@ def test_an_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
     config.write_text("queue_size: 128\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match=rf"{config} has unknown keys: 'learning_rat' \(did you mean 'learning_rate'"):
         _parse("--config", str(config))
+
+
+@pytest.mark.multiprocess
+def test_the_end_of_run_limit_sums_every_process(nct_mini_dir, tmp_path):
+    # Rank 1 alone has 1 bad image of 10 (10%); the run has 1 of 20 (5%). A 7% limit passes on both ranks,
+    # a 4% limit fails on both: every rank judges the whole run, so none is left waiting for the other.
+    from conftest import REPO, launch_two_processes
+
+    verdicts = {}
+    for limit in ("0.07", "0.04"):
+        out = tmp_path / limit
+        out.mkdir()
+        launch_two_processes(REPO / "tests" / "_bad_image_launch_worker.py", "--data", nct_mini_dir, "--out", out,
+                             "--max_bad_fraction", limit)
+        verdicts[limit] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [v["num_bad"] for v in verdicts["0.07"]] == [0, 1]
+    assert [v["error"] for v in verdicts["0.07"]] == [None, None]
+    for verdict in verdicts["0.04"]:
+        assert "1 of 20 images (5.00%) could not be decoded in the whole training run" in verdict["error"]

@@ -1,0 +1,46 @@
+"""Worker for ``tests/test_bad_input.py::test_the_end_of_run_limit_sums_every_process``.
+
+Run under ``accelerate launch --multi_gpu --num_processes 2``. Each rank collates 10 real patches through its own
+:class:`moma_hf.collator.PatchCollator`; rank 1 has one unreadable file among them (10% of its images, 5% of the
+run's). It then ends training as the Trainer does, through :class:`moma_hf.bad_image_limit.BadImageLimitCallback`,
+and writes to ``<out>/rank<r>.json`` whether the callback raised, and its message.
+"""
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from moma_hf.bad_image_limit import BadImageLimitCallback
+from moma_hf.collator import BadImageWarning, PatchCollator
+from moma_hf.transforms import build_eval_transform
+
+
+def main():
+    """Collate this rank's share, end the run, record the verdict."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max_bad_fraction", type=float, required=True)
+    args = parser.parse_args()
+    rank = Accelerator().process_index  # as the Trainer does: sets up the process group (gloo on CPU)
+    files = sorted(Path(args.data).glob("*/*.jpg"))[rank * 10 : rank * 10 + 10]
+    examples = [{"image": {"path": str(f), "bytes": None}, "label": 0} for f in files]
+    if rank == 1:
+        examples[0] = {"image": {"path": "broken.jpg", "bytes": files[0].read_bytes()[:200]}, "label": 0}
+    collator = PatchCollator(build_eval_transform(32), ([0.5] * 3, [0.5] * 3), max_bad_fraction=args.max_bad_fraction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        collator(examples[:5])
+        collator(examples[5:])
+    verdict = {"rank": rank, "num_bad": collator.num_bad, "error": None}
+    try:
+        BadImageLimitCallback(collator).on_train_end(None, None, None)
+    except ValueError as error:
+        verdict["error"] = str(error)
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(verdict))
+
+
+if __name__ == "__main__":
+    main()
