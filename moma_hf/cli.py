@@ -41,6 +41,9 @@ class DataArguments:
                                 "folders needed), or parquet/tar files without a label column."}
     )
     unlabeled_dataset_name: str | None = field(default=None, metadata={"help": "Unlabelled patches from the Hub."})
+    unlabeled_dataset_revision: str = field(
+        default="main", metadata={"help": "Revision of --unlabeled_dataset_name (a branch, tag or commit sha)."}
+    )
     labeled_fraction: float | None = field(
         default=None, metadata={"help": "Share of labelled examples per batch when unlabelled ones are mixed in; "
                                 "default: natural proportions (map-style data only)."}
@@ -135,7 +138,8 @@ def load_datasets(data_args: DataArguments, streaming: bool, seed: int = 42):
     if unlabelled_source:
         unlabelled = load_unlabelled_patches(unlabelled_source, names, data_args.train_split, streaming=streaming,
                                              shuffle_buffer_size=data_args.shuffle_buffer_size, seed=seed,
-                                             image_column=data_args.image_column_name)
+                                             image_column=data_args.image_column_name,
+                                             revision=data_args.unlabeled_dataset_revision)
         train = mix_labelled_and_unlabelled(train, unlabelled, data_args.labeled_fraction, seed)
     evaluation = None
     eval_source, eval_split = data_args.source("validation")
