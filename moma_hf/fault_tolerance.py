@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -25,7 +27,6 @@ import threading
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .launcher import follow_launcher, reroute_orphaned_output
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Hidden, and not matching the Trainer's `^checkpoint-\d+$`, so resume never looks inside.
 STAGING_DIR = ".checkpoint-staging"
+BLOWUP_FACTOR = 10.0  # a logged loss this many times the run's first one: the weights had diverged by then
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,7 +97,7 @@ class StepGuard(TrainerCallback):
         self._bad = None
         bad_terms = [name for name, flag in zip(self.term_names, flags[:-1].tolist()) if flag > 0]
         if bad_terms:
-            raise NonFiniteLossError(_non_finite_loss_message(state.global_step + 1, bad_terms, args))
+            raise NonFiniteLossError(_non_finite_loss_message(state.global_step + 1, bad_terms, args, state))
         if flags[-1].item() > 0:
             logger.warning("SIGTERM received: saving checkpoint-%d, then stopping.", state.global_step + 1)
             self.stopped_by_signal = True
@@ -117,7 +120,7 @@ class StepGuard(TrainerCallback):
         bad = non_finite_tensors(self.accelerator.unwrap_model(model), self.accelerator)
         self._checked_step = state.global_step
         if bad:
-            raise NonFiniteStateError(_non_finite_state_message(state.global_step, bad, args))
+            raise NonFiniteStateError(_non_finite_state_message(state.global_step, bad, args, state))
 
 
 def non_finite_tensors(module: torch.nn.Module, accelerator=None) -> list[str]:
@@ -168,14 +171,34 @@ class ResumeLearningRate(TrainerCallback):
                        "Learning rates rescaled by %g.", state.global_step, args.learning_rate, base_lrs[0], factor)
 
 
-def _resume_advice(args) -> str:
-    """How to continue: the last checkpoint with a tenth of the learning rate, as a command when one is known."""
-    checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+def last_healthy_checkpoint(output_dir: str, log_history: list[dict], logging_steps: int) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` saved before the logged training loss blew up, or None.
+
+    Finite is not healthy: weights of 1e21 still give a non-finite state at the next forward pass. The loss
+    blew up at the first logged step whose loss is not finite or above `BLOWUP_FACTOR` x the first logged
+    loss; with no blow-up in the log, the newest checkpoint is the answer.
+    """
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(int(m.group(1)) for m in map(_CHECKPOINT.fullmatch, names) if m)
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    first = abs(losses[0][1]) if losses else 0.0
+    blowup = next((step for step, loss in losses if not math.isfinite(loss) or loss > BLOWUP_FACTOR * first), None)
+    # checkpoint-N's weights first made the loss of step N + 1, and a logged loss averages `logging_steps` steps.
+    healthy = [n for n in steps if blowup is None or n + max(int(logging_steps), 1) < blowup]
+    return os.path.join(output_dir, f"checkpoint-{healthy[-1]}") if healthy else None
+
+
+def _resume_advice(args, state) -> str:
+    """How to continue: a tenth of the learning rate, from the last healthy checkpoint or afresh, as a command."""
+    checkpoint = last_healthy_checkpoint(args.output_dir, state.log_history, args.logging_steps)
     flags = ["--learning_rate", f"{args.learning_rate / 10:g}"]
-    flags += ["--resume_from_checkpoint", checkpoint] if checkpoint else []
-    where = f"from {checkpoint}" if checkpoint else "from scratch (no checkpoint was saved)"
-    advice = (f"Continue {where} with a lower learning rate, which takes effect on resume: rerun with "
-              f"{shlex.join(flags)}")
+    if checkpoint:
+        flags += ["--resume_from_checkpoint", checkpoint]
+        advice = f"Continue from {checkpoint} (the newest checkpoint saved before the loss blew up)"
+    else:
+        flags += ["--overwrite_output_dir", "true"]
+        advice = "Start over (no checkpoint predates the blow-up of the loss)"
+    advice += f" with a lower learning rate, which takes effect on resume too: rerun with {shlex.join(flags)}"
     script = sys.argv[0] if sys.argv else ""
     if script.endswith(".py") and os.path.basename(script) != "__main__.py":
         advice += f", e.g. (with your launcher's options, if any):\n  {relaunch_command(sys.argv, flags)}"
@@ -183,37 +206,41 @@ def _resume_advice(args) -> str:
 
 
 def relaunch_command(argv: list[str], flags: list[str]) -> str:
-    """`accelerate launch` + `argv` (script and arguments) with every flag in `flags` replaced or added."""
-    replaced = {flag for flag in flags if flag.startswith("--")}
-    kept, tokens = [], iter(argv)
-    for token in tokens:
+    """`accelerate launch` + `argv` (script and arguments) with every flag in `flags` replaced or added.
+
+    `--resume_from_checkpoint` is always dropped from `argv`: `flags` says where to continue from, if anywhere.
+    """
+    replaced = {flag for flag in flags if flag.startswith("--")} | {"--resume_from_checkpoint"}
+    kept, drop_value = [], False
+    for token in argv:
         name = token.split("=", 1)[0]
-        if name in replaced:
-            if "=" not in token:
-                next(tokens, None)  # drop its value too
+        if drop_value and not token.startswith("--"):  # the value of a replaced flag
+            drop_value = False
             continue
-        kept.append(token)
+        drop_value = name in replaced and "=" not in token
+        if name not in replaced:
+            kept.append(token)
     return shlex.join(["accelerate", "launch", *kept, *flags])
 
 
-def _non_finite_loss_message(step: int, terms: list[str], args) -> str:
+def _non_finite_loss_message(step: int, terms: list[str], args, state) -> str:
     return (
         f"Non-finite loss at optimiser step {step}: {', '.join(terms)} is NaN or Inf. The run stopped before this "
         f"step changed any weight; the checkpoints in {args.output_dir} hold only finite tensors (each is "
         "checked before it is written). Usual fixes: lower --learning_rate or set --max_grad_norm; use --bf16 "
         "instead of --fp16 (fp16 overflows); raise --contrastive_temperature if loss_moma is the term; check the "
-        f"images for blank or constant patches. {_resume_advice(args)}"
+        f"images for blank or constant patches. {_resume_advice(args, state)}"
     )
 
 
-def _non_finite_state_message(step: int, names: list[str], args) -> str:
+def _non_finite_state_message(step: int, names: list[str], args, state) -> str:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (
         f"Non-finite model state after optimiser step {step}: {len(names)} tensor(s) hold NaN or Inf ({shown}). "
         f"Nothing was saved at this step; the checkpoints in {args.output_dir} hold only finite tensors (each is "
         "checked before it is written). The weights diverged: lower --learning_rate or set --max_grad_norm; "
         "non-finite BatchNorm running statistics come from huge activations. "
-        f"{_resume_advice(args)}"
+        f"{_resume_advice(args, state)}"
     )
 
 

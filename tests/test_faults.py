@@ -1,6 +1,8 @@
 """Faults lose nothing: NaN losses, SIGTERM, a crash mid-save and a failed upload each leave a usable run."""
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from conftest import make_trainer
-from moma_hf.fault_tolerance import STAGING_DIR, NonFiniteLossError, publish_checkpoint
+from moma_hf.fault_tolerance import (STAGING_DIR, NonFiniteLossError, NonFiniteStateError, last_healthy_checkpoint,
+                                     non_finite_tensors, publish_checkpoint)
 from moma_hf.hub import HubPushError, push_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +42,86 @@ def test_a_nan_loss_stops_before_the_weights_change_and_names_the_step_and_term(
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
     assert _all_finite(load_file(tmp_path / "checkpoint-5" / "model.safetensors").values())
     assert _all_finite(trainer.moma_model.state_dict().values())  # the optimiser never applied the NaN step
+
+
+def _poison_running_var_at_call(module, call):
+    """Make `module` (a BatchNorm) set its running_var to Inf in its `call`-th forward: the loss stays finite."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(1)
+        if len(calls) == call:
+            module.running_var.data[0] = float("inf")  # .data: autograd saved this buffer for backward
+
+    module.register_forward_hook(hook)
+
+
+def test_a_non_finite_buffer_stops_the_run_before_its_checkpoint_and_is_named(small_moma, nct_mini_dir, tmp_path):
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=20, save_steps=5)
+    batch_norm = trainer.moma_model.student.timm_model.bn1
+    _poison_running_var_at_call(batch_norm, 8)  # BN uses batch statistics in training: every loss stays finite
+    with pytest.raises(NonFiniteStateError, match=r"after optimiser step 10: 1 tensor\(s\) hold NaN or Inf "
+                                                  r"\(student\.timm_model\.bn1\.running_var\)"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert _all_finite(load_file(tmp_path / "checkpoint-5" / "model.safetensors").values())
+
+
+def test_a_non_finite_state_is_never_exported(small_moma, nct_mini_dir, tmp_path):
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=3, save_steps=100)
+    _poison_running_var_at_call(trainer.moma_model.student.timm_model.bn1, 3)
+    with pytest.raises(NonFiniteStateError, match=r"after optimiser step 3.*bn1\.running_var"):
+        trainer.train()  # raised at the end of training, before the caller's save_model()
+
+
+def test_the_state_check_covers_parameters_buffers_and_the_key_queue(small_moma):
+    model = small_moma()
+    assert non_finite_tensors(model) == []
+    model.key_queue.queue[3, 0] = float("nan")
+    name, parameter = next(iter(model.query_head.named_parameters()))
+    parameter.data.view(-1)[0] = float("-inf")
+    assert set(non_finite_tensors(model)) == {"key_queue.queue", f"query_head.{name}"}
+
+
+def test_the_last_healthy_checkpoint_predates_the_blow_up_of_the_logged_loss(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    steady = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 7)]
+    assert last_healthy_checkpoint(str(tmp_path), steady, 1) == str(tmp_path / "checkpoint-6")
+    blown_up = steady[:4] + [{"step": 5, "loss": 1e9}, {"step": 6, "loss": float("nan")}]
+    # checkpoint-4's weights made the loss of step 5, which blew up; checkpoint-2's made a normal one
+    assert last_healthy_checkpoint(str(tmp_path), blown_up, 1) == str(tmp_path / "checkpoint-2")
+    assert last_healthy_checkpoint(str(tmp_path), blown_up[:1] + [{"step": 2, "loss": 1e9}], 1) is None
+
+
+def test_a_learning_rate_given_on_resume_replaces_the_checkpoints(small_moma, nct_mini_dir, tmp_path):
+    first = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=4, save_steps=4, learning_rate=2e-3)
+    first.train()
+    resumed = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=8, save_steps=4, learning_rate=2e-4)
+    resumed.train(resume_from_checkpoint=True)
+    rates = {entry["step"]: entry["learning_rate"] for entry in resumed.state.log_history if "learning_rate" in entry}
+    assert [rates[step] for step in range(1, 9)] == [2e-3] * 4 + [pytest.approx(2e-4)] * 4
+    assert all(group["lr"] == pytest.approx(2e-4) for group in resumed.optimizer.param_groups)
+
+
+@pytest.mark.timeout(900)
+def test_a_diverged_run_saves_no_non_finite_state_and_the_command_it_prints_recovers(tmp_path):
+    out = tmp_path / "out"
+    flags = ["--student_model_name_or_path", "test_resnet", "--image_size", "112", "--per_device_train_batch_size",
+             "8", "--save_steps", "1", "--max_steps", "10", "--logging_steps", "1", "--save_total_limit", "3",
+             "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    diverged = subprocess.run([sys.executable, "examples/distill.py", *flags, "--learning_rate", "1e6"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=400)
+    assert diverged.returncode != 0
+    assert re.search(r"Non-finite model state after optimiser step \d+: .*running_var", diverged.stderr)
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert checkpoints and all(_all_finite(load_file(c / "model.safetensors").values()) for c in checkpoints)
+    command = re.search(r"e\.g\. \(with your launcher's options, if any\):\n  (.+)", diverged.stderr).group(1)
+    assert command.startswith("accelerate launch examples/distill.py") and "--learning_rate 100000" in command
+    recovered = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    assert _all_finite(load_file(out / "model.safetensors").values())
 
 
 def test_a_crash_mid_save_leaves_no_checkpoint_that_resume_would_pick(small_moma, nct_mini_dir, tmp_path,
