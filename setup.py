@@ -35,7 +35,15 @@ setup(
         "jinja2>=3.1,<4",
         "matplotlib>=3.8,<4",
         "tensorboard>=2.15,<3",
+        "scipy>=1.11,<2",  # moma-compare's confidence intervals
     ],
-    # scipy: benchmark statistics
-    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "scipy>=1.11,<2"]},
+    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"]},
+    entry_points={
+        "console_scripts": [
+            "moma-distill = moma_hf.commands.distill:main",
+            "moma-train-teacher = moma_hf.commands.train_teacher:main",
+            "moma-evaluate = moma_hf.commands.evaluate:main",
+            "moma-compare = moma_hf.commands.compare:main",
+        ]
+    },
 )

@@ -1,6 +1,6 @@
 """Why does MoMA with batch attention trail its no-attention ablation? Measure what attention does to the embeddings.
 
-Runs `examples/distill.py` in-process on one scenario of `compare_methods.py` (same labelled subset, teacher
+Runs `examples/distill.py` in-process on one scenario of `moma-compare` (same labelled subset, teacher
 and seed) for each variant asked for, and records at every training step:
 
 - `key_cos_in` / `key_cos_out`: mean cosine between different samples' keys before (`g_T`) and after `A_k`;
@@ -28,8 +28,10 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.modules.module import register_module_forward_hook
 
-import compare_methods as cm
+from moma_hf.commands import compare as cm
 from moma_hf.modeling_moma import MoMAForDistillation
+
+REPO = Path(__file__).resolve().parents[1]
 
 STATS = ("key_cos_in", "key_cos_out", "query_cos_in", "query_cos_out", "positive", "negative", "loss_moma")
 
@@ -83,7 +85,7 @@ class EmbeddingRecorder:
 
 def run_variant(variant: str, seed: int, config: dict, dirs: tuple[str, Path, Path],
                 out: Path) -> tuple[list[dict], dict]:
-    """Distil one variant ("method [--flag value ...]") as `compare_methods.py` would, on `dirs` = (teacher,
+    """Distil one variant ("method [--flag value ...]") as `moma-compare` would, on `dirs` = (teacher,
     labelled training folder, test folder); its per-step statistics and test metrics."""
     teacher, train_dir, test_dir = dirs
     shutil.rmtree(out, ignore_errors=True)  # the harness skips finished runs; this one must train to record
@@ -108,8 +110,8 @@ def main(argv=None) -> str:
     parser.add_argument("--output_dir", type=Path)
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
-    out = args.output_dir or cm.REPO / "outputs" / "diagnose" / f"{args.config.stem}_seed{args.seed}"
-    compare_out = cm.REPO / "outputs" / "compare" / args.config.stem  # reuses the harness's teacher and subsets
+    out = args.output_dir or REPO / "outputs" / "diagnose" / f"{args.config.stem}_seed{args.seed}"
+    compare_out = REPO / "outputs" / "compare" / args.config.stem  # reuses the harness's teacher and subsets
     teacher, test_dir, pool = cm.prepare_scenario(config, compare_out)
     dirs = (teacher, cm.labelled_subset(pool, config, args.seed, compare_out), test_dir)
     lines = ["| variant | steps | " + " | ".join(STATS) + " | macro_f1 |", "| --- | --- |" + " --- |" * (len(STATS) + 1)]

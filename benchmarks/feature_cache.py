@@ -6,7 +6,7 @@
    epochs, once as usual and once with `--cache_teacher_features`. The ratio of the two `train_runtime`s is
    the per-epoch speed-up after the caching pass; the pass itself is reported beside it (`build_seconds` in
    the cache's `cache_info.json`).
-2. Accuracy. The same-task scenario of `compare_methods.py` (ResNet-18 teacher, ResNet-10t student, 10% of
+2. Accuracy. The same-task scenario of `moma-compare` (ResNet-18 teacher, ResNet-10t student, 10% of
    the labels, 80 steps, the scenario's seeds or `--seeds`) runs MoMA with and without the cache
    (`--cache_views` views), paired, reusing the harness's teacher, subsets and finished runs.
 
@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_methods as cm  # noqa: E402
+from moma_hf.commands import compare as cm
+from moma_hf.commands import distill
 
-SAME_TASK = cm.REPO / "examples" / "configs" / "scenario_same_task.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+SAME_TASK = REPO / "examples" / "configs" / "scenario_same_task.yaml"
 
 
 VIT_SIZES = {  # (hidden, layers, heads, MLP) of the foundation models' backbones
@@ -65,7 +66,7 @@ def measure_speed(args, work: Path) -> dict[str, float]:
     runtimes = {}
     for name, extra in (("uncached", {}), ("cached", {"cache_teacher_features": True, "cache_views": args.epochs})):
         out = work / name
-        code = cm._load_example("distill").main([f"--{k}={v}" for k, v in {**common, **extra, "output_dir": out}.items()])
+        code = distill.main([f"--{k}={v}" for k, v in {**common, **extra, "output_dir": out}.items()])
         if code:
             raise RuntimeError(f"the {name} run stopped with exit code {code}")
         runtimes[name] = json.loads((out / "train_results.json").read_text())["train_runtime"]
@@ -76,7 +77,7 @@ def measure_speed(args, work: Path) -> dict[str, float]:
 def measure_accuracy(args) -> list[tuple[int, float, float]]:
     """`(seed, uncached macro-F1, cached macro-F1)` on the same-task scenario."""
     config = yaml.safe_load(SAME_TASK.read_text())
-    out = cm.REPO / "outputs" / "compare" / SAME_TASK.stem
+    out = REPO / "outputs" / "compare" / SAME_TASK.stem
     teacher, test_dir, pool = cm.prepare_scenario(config, out)
     cached = f"moma --cache_teacher_features true --cache_views {args.cache_views}"
     rows = []
@@ -97,7 +98,7 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--teacher", choices=tuple(VIT_SIZES), default="vit-large", help="the speed runs' teacher")
     parser.add_argument("--cache_views", type=int, default=4, help="views of the accuracy runs' caches")
-    parser.add_argument("--data_dir", type=Path, default=cm.REPO.parent / "shared" / "data" / "crc-polyp-96")
+    parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data" / "crc-polyp-96")
     parser.add_argument("--seeds", nargs="+", type=int, help="accuracy seeds (default: the scenario's)")
     parser.add_argument("--skip_speed", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")

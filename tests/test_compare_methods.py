@@ -1,14 +1,8 @@
 """The comparison harness: paired subsets, and the paired statistics against a hand computation."""
 
-import importlib.util
-
 import pytest
 
-from conftest import REPO
-
-spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+from moma_hf.commands import compare
 
 
 def test_subsets_are_stratified_seeded_and_shared_by_every_method(crc_polyp_dir, tmp_path):

@@ -1,9 +1,7 @@
-"""examples/evaluate.py on a real model and real patches: the bundled demo teacher on the demo validation split."""
+"""moma-evaluate (examples/evaluate_model.py) on a real model and real patches: the bundled demo teacher on the demo validation split."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,19 +20,16 @@ DEMO_VALIDATION = EXAMPLES / "demo_data" / "validation"
 
 @pytest.fixture(scope="module")
 def script():
-    """examples/evaluate.py as a module (under another name: `evaluate` is the library)."""
-    spec = importlib.util.spec_from_file_location("moma_evaluate_script", EXAMPLES / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    """The `moma-evaluate` command's module (`run` returns the results that `main` writes)."""
+    from moma_hf.commands import evaluate
+
+    return evaluate
 
 
 def run(script, data_dir, output_dir, *flags):
     argv = ["--model_name_or_path", str(DEMO_TEACHER), "--data_dir", str(data_dir), "--split", "validation",
             "--output_dir", str(output_dir), "--batch_size", "16", "--num_workers", "0", *flags]
-    return script.main(argv)
+    return script.run(argv)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +109,7 @@ def test_other_labels_than_the_model_give_a_clear_error(script, tmp_path):
 
 def test_the_data_source_is_required(script, tmp_path):
     with pytest.raises(ValueError, match="--dataset_name .* or --data_dir"):
-        script.main(["--model_name_or_path", str(DEMO_TEACHER), "--output_dir", str(tmp_path)])
+        script.run(["--model_name_or_path", str(DEMO_TEACHER), "--output_dir", str(tmp_path)])
 
 
 def _with_unreadable_files(tmp_path) -> Path:

@@ -2,7 +2,10 @@
 
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 from fractions import Fraction as F
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from transformers import EvalPrediction
 
 from moma_hf import evaluation
-from moma_hf.metrics import METRIC_NAMES, METRICS_DIR, _without_shadowing_folders, import_evaluate, load_metric
+from moma_hf.metrics import METRIC_NAMES, METRICS_DIR, load_metric
 
 # The worked example: 3 classes, 12 examples, confusion matrix (rows: reference, columns: prediction)
 #     [[4, 1, 0],      row sums (support)      r = (5, 5, 2)
@@ -135,7 +138,8 @@ def test_degenerate_and_invalid_inputs():
 
 def test_metrics_load_offline_with_read_only_caches(monkeypatch, tmp_path):
     """No network and unwritable evaluate caches: the scripts are imported from a temporary folder instead."""
-    evaluate = import_evaluate()
+    import evaluate
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # nothing can be created below a file, even by root
 
@@ -155,12 +159,13 @@ def test_metrics_load_offline_with_read_only_caches(monkeypatch, tmp_path):
     assert kappa["cohen_kappa"] == pytest.approx(8 / 13)
 
 
-def test_the_evaluate_library_is_found_even_beside_examples_evaluate_py():
-    """`python examples/<script>.py` puts examples/ first on sys.path, where examples/evaluate.py lives."""
+def test_no_script_shadows_the_evaluate_library():
+    """`python examples/<script>.py` puts examples/ first on sys.path: no script there may be named evaluate.py."""
     examples = METRICS_DIR.parents[1] / "examples"
-    assert (examples / "evaluate.py").is_file()
-    assert _without_shadowing_folders([str(examples), "/usr/lib"]) == ["/usr/lib"]
-    assert hasattr(import_evaluate(), "load")
+    assert not (examples / "evaluate.py").exists()
+    found = subprocess.run([sys.executable, "-c", "import evaluate; print(evaluate.load.__module__)"], cwd=examples,
+                           env={**os.environ, "PYTHONPATH": str(examples)}, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0 and found.stdout.strip() == "evaluate.loading", found.stderr
 
 
 def test_evaluation_functions_use_the_modules():

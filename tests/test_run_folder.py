@@ -118,9 +118,8 @@ def test_train_teacher_follows_the_same_rule(tmp_path, monkeypatch):
 @pytest.mark.timeout(600)
 def test_compare_methods_takes_up_a_run_stopped_after_a_checkpoint(finished_run, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    from moma_hf.commands import compare
+
     config = {"student": "resnet18", "distill_args": {"max_steps": 2, "per_device_train_batch_size": 8,
                                                       "image_size": 112, "queue_size": 64}}
     data = REPO / "examples" / "demo_data"

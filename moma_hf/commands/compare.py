@@ -1,11 +1,13 @@
-"""Which distillation strategy for which task: every method on the same labelled subsets, seeds and budget.
+"""`moma-compare`: which distillation strategy for which task: every method on the same labelled subsets, seeds
+and budget.
 
-    python benchmarks/compare_methods.py --config examples/configs/scenario_same_task.yaml
-    python benchmarks/compare_methods.py --config ... --methods ce moma --seeds 0 1 2 --output_dir out/cmp
+    moma-compare --config examples/configs/scenario_same_task.yaml
+    moma-compare --config ... --methods ce moma --seeds 0 1 2 --output_dir out/cmp
 
 A scenario YAML names the data folder (imagefolder with train/ and test/), the teacher (a model path, or the
 recipe to train one on the teacher's part of the training set), the student architecture, the label budget,
-the methods, the seeds and the `examples/distill.py` flags shared by every run.
+the methods, the seeds and the `moma-distill` flags shared by every run. Relative paths in it are read
+from the current folder.
 
 The comparison is paired: for one seed every method sees the same labelled subset, the same data order and
 the same student initialisation (all drawn from the seed), so the per-seed difference to `ce` isolates the
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import random
 import shlex
@@ -28,19 +29,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from moma_hf.commands import distill, train_teacher
 from moma_hf.run_folder import unfinished_run_flags
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-
-
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # the Trainer pickles the script's argument class into training_args.bin
-    spec.loader.exec_module(module)
-    return module
 
 
 def list_images(folder: Path) -> dict[str, list[Path]]:
@@ -75,12 +68,12 @@ def stratified_split(files: dict[str, list[Path]], fraction: float, seed: int):
 def prepare_teacher(spec: dict, teacher_part: Path, work: Path) -> str:
     """The teacher's path: `spec["path"]` as is, or a teacher trained once on `teacher_part` per `spec`."""
     if "path" in spec:
-        return str(REPO / spec["path"]) if not Path(spec["path"]).is_absolute() else spec["path"]
+        return str(Path(spec["path"]).resolve())
     out = work / "teacher"
     if not (out / "config.json").exists():
         data = link_subset(list_images(teacher_part), work / "teacher_data", spec.get("grouping"))
         flags = [f"--{k}={v}" for k, v in spec.get("train_args", {}).items()]
-        _load_example("train_teacher").main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"]
+        train_teacher.main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"]
                                             + unfinished_run_flags(out))
     return str(out)
 
@@ -92,7 +85,7 @@ def variant_dir(variant: str) -> str:
 
 def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher: str, config: dict,
                out: Path, extra_flags: tuple[str, ...] = ()) -> dict[str, float]:
-    """Distil (or train, for `ce`) one student with `examples/distill.py`; its test metrics.
+    """Distil (or train, for `ce`) one student with `moma-distill`; its test metrics.
 
     `variant` is a method name, optionally followed by `distill.py` flags that override the scenario's, such as
     "moma --attention_residual false"; `extra_flags` are added to every run (the unlabelled pool).
@@ -105,7 +98,7 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
                  "student_model_name_or_path": config["student"], "output_dir": out, "report_to": "none",
                  "save_strategy": "no", "disable_tqdm": True}
         # A run stopped mid-way (SIGTERM, a crash) resumes from its last checkpoint, else starts again.
-        code = _load_example("distill").main([f"--{k}={v}" for k, v in flags.items()] + list(extra_flags) + extra
+        code = distill.main([f"--{k}={v}" for k, v in flags.items()] + list(extra_flags) + extra
                                              + unfinished_run_flags(out))
         if code:
             raise RuntimeError(f"{variant} seed {seed} stopped with exit code {code}")
@@ -172,7 +165,7 @@ def _plot(by, methods, seeds, path: Path, title: str) -> None:
 def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list[Path]]]:
     """`(teacher, test_dir, student_pool)` of a scenario: the teacher (trained once on its reserved part of the
     training split), the fixed test part, and the training images left for students."""
-    data = Path(config["data_dir"]) if Path(config["data_dir"]).is_absolute() else REPO / config["data_dir"]
+    data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
     teacher = prepare_teacher(config["teacher"], link_subset(teacher_files, out / "data" / "teacher_part"), out)
     test_dir = data / "test"
@@ -205,7 +198,13 @@ def uses_unlabelled(variant: str) -> bool:
     return shlex.split(variant)[0] != "ce"
 
 
-def main(argv=None) -> str:
+def main(argv: list[str] | None = None) -> int:
+    """The `moma-compare` command: run the comparison and print its table; returns the exit code."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> str:
     """Run the comparison a scenario YAML describes; returns the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path)
@@ -220,7 +219,7 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
-    out = args.output_dir or REPO / "outputs" / "compare" / args.config.stem
+    out = (args.output_dir or Path("outputs") / "compare" / args.config.stem).resolve()
     teacher, test_dir, student_pool = prepare_scenario(config, out)
     # Runs of another budget or with the unlabelled pool get their own folders and result files.
     tag = "" if args.label_budget in (None, config["label_budget"]) else f"_labels{args.label_budget:g}"
@@ -254,4 +253,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
-"""Distil a teacher into a small student with MoMA, evaluate it, write its card, and optionally push it.
+"""`moma-distill`: distil a teacher into a small student, evaluate it, write its card, and optionally push it.
 
-    accelerate launch examples/distill.py                          # the bundled demo, offline
-    accelerate launch examples/distill.py --config my_run.yaml     # YAML defaults, flags override
-    accelerate launch examples/distill.py --teacher_model_name_or_path owkin/phikon \
+    moma-distill --config my_run.yaml                              # YAML defaults, flags override
+    accelerate launch -m moma_hf.commands.distill --config my_run.yaml        # several processes / GPUs
+    accelerate launch examples/distill.py                          # in the repository: the bundled demo, offline
+    moma-distill --teacher_model_name_or_path owkin/phikon \
         --student_model_name_or_path timm/resnet18.a1_in1k --dataset_name 1aurent/NCT-CRC-HE --streaming \
         --max_steps 20000 --output_dir phikon-resnet18-nct --push_to_hub
 """
@@ -28,7 +29,6 @@ from moma_hf.students import SAME_AS_TEACHER, build_student
 from moma_hf.teachers import load_teacher
 from moma_hf.transforms import normalization_from_processor
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 logger = logging.get_logger("distill")
 
@@ -78,9 +78,14 @@ def build_model(args: MoMATrainingArguments, teacher, labels: list[str], image_s
     return model, processor, image_size or input_size(student)
 
 
-def main(argv=None) -> int:
-    """Run the distillation job; returns the process exit code."""
-    data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv, DEMO_CONFIG)
+def main(argv: list[str] | None = None, default_config: Path | None = None) -> int:
+    """Run the distillation job; returns the process exit code.
+
+    `default_config` is a YAML file used when no data flag and no `--config` is given (`examples/distill.py`
+    passes the bundled demo's).
+    """
+    data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv,
+                                            default_config)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
     if needs_teacher(args) and not args.teacher_model_name_or_path:

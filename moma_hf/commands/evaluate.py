@@ -1,8 +1,9 @@
-"""Evaluate an image classifier (a distilled student, a teacher, any Hub model) on a split of a labelled patch dataset.
+"""`moma-evaluate`: score an image classifier (a distilled student, a teacher, any Hub model) on a split of a
+labelled patch dataset.
 
-    python examples/evaluate.py --model_name_or_path outputs/demo --data_dir examples/demo_data --split validation \
+    moma-evaluate --model_name_or_path outputs/demo --data_dir examples/demo_data --split validation \
         --output_dir outputs/demo-eval
-    python examples/evaluate.py --model_name_or_path you/phikon-to-resnet18-nct --dataset_name 1aurent/NCT-CRC-HE \
+    moma-evaluate --model_name_or_path you/phikon-to-resnet18-nct --dataset_name 1aurent/NCT-CRC-HE \
         --split test --output_dir eval-nct
 
 The model loads with `AutoModelForImageClassification.from_pretrained` (transformers and timm-wrapped models);
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +42,7 @@ from moma_hf.data import check_local_source, label_names, load_patch_dataset
 from moma_hf.evaluation import confusion_matrix, prediction_metrics, save_evaluation, score_readable
 from moma_hf.transforms import build_eval_transform, normalization_from_processor
 
-logger = logging.getLogger("examples.evaluate")  # not "evaluate": that is the library's logger
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +85,14 @@ class EvaluationArguments:
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding the images."})
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """The `moma-evaluate` command: evaluate and write the result files; returns the exit code."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict:
     """Evaluate, write the result files and return the `eval_results.json` content."""
     model_args, data_args, eval_args = parse_args((ModelArguments, EvalDataArguments, EvaluationArguments), argv)
     model, processor = load_classifier(model_args)
@@ -208,5 +217,4 @@ def predict(model, loader, to_model_ids: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
-"""Train a supervised teacher image classifier on any labelled patch dataset, ready for distillation.
+"""`moma-train-teacher`: train a supervised teacher image classifier on any labelled patch dataset, ready for
+distillation.
 
-    python examples/train_teacher.py --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \
+    moma-train-teacher --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \
         --output_dir nct-teacher --num_train_epochs 5
     python examples/train_teacher.py --config examples/configs/demo_teacher.yaml --overwrite_output_dir  # the demo teacher
 
@@ -8,6 +9,7 @@ The model is a Hub id or local path (fine-tuned with a new head for the dataset'
 name built from scratch, or a transformers `--model_type` built from scratch with `--config_overrides`.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from transformers import CONFIG_MAPPING, AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
@@ -67,7 +69,8 @@ def _default_processor(model_type: str, image_size: int):
     return get_image_processor_class_from_name(name)(size={"height": image_size, "width": image_size})
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
+    """The `moma-train-teacher` command: train, evaluate and export the teacher; returns the exit code."""
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, TeacherTrainingArguments), argv)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
@@ -91,8 +94,9 @@ def main(argv=None):
     trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
     if args.push_to_hub:
         trainer.create_model_card()  # as Trainer.push_to_hub would
-        push_student(trainer, "Teacher trained with moma-hf examples/train_teacher.py")
+        push_student(trainer, "Teacher trained with moma-hf (moma-train-teacher)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,9 +26,7 @@ imported from a temporary folder instead, removed when the process exits.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -57,39 +55,13 @@ def load_metric(name: str):
     The instance is shared by every caller (call `compute(predictions=..., references=...)` on it, which leaves
     no state behind); it is not meant for concurrent use from several threads.
     """
-    evaluate = import_evaluate()
+    import evaluate
+
     path = metric_path(name)
     if _is_writable(Path(evaluate.config.HF_MODULES_CACHE)) and _is_writable(Path(evaluate.config.HF_METRICS_CACHE)):
         # keep_in_memory: predictions go through an in-memory Arrow buffer, not cache files and their locks.
         return evaluate.load(str(path), keep_in_memory=True)
     return _load_with_temp_cache(path)
-
-
-def import_evaluate():
-    """Import the `evaluate` library, even when a script named ``evaluate.py`` could shadow it.
-
-    ``python examples/distill.py`` puts ``examples/`` first on ``sys.path``, where ``examples/evaluate.py`` would be
-    found before the library; folders holding an ``evaluate.py`` are therefore skipped while importing it.
-    """
-    if "evaluate" not in sys.modules:
-        saved = list(sys.path)
-        sys.path[:] = _without_shadowing_folders(saved)
-        try:
-            importlib.import_module("evaluate")
-        finally:
-            sys.path[:] = saved
-    module = sys.modules["evaluate"]
-    if not hasattr(module, "load"):
-        raise ImportError(
-            f"`import evaluate` found {getattr(module, '__file__', module)!s}, not the evaluate library: a file named "
-            "evaluate.py was imported first. Rename it, or import moma_hf.metrics before anything imports evaluate."
-        )
-    return module
-
-
-def _without_shadowing_folders(paths: list[str]) -> list[str]:
-    """`paths` without the folders that contain an ``evaluate.py`` module (the library is a package folder)."""
-    return [p for p in paths if not (Path(p or ".") / "evaluate.py").is_file()]
 
 
 def _is_writable(folder: Path) -> bool:
