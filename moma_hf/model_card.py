@@ -163,10 +163,12 @@ def teacher_facts(config, method: str) -> dict:
 
 
 def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
-    """The metrics of the last evaluation in the Trainer's log, without the `eval_` prefix and timing entries."""
+    """The metrics of the last evaluation in the Trainer's log, without the `eval_` prefix, timings and counts
+    (the image counts are facts about the data, not scores for `model-index`)."""
+    not_scores = ("runtime", "samples_per_second", "steps_per_second", "samples", "unreadable_images")
     for entry in reversed(log_history):
         metrics = {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}
-        metrics = {k: v for k, v in metrics.items() if k not in ("runtime", "samples_per_second", "steps_per_second")}
+        metrics = {k: v for k, v in metrics.items() if k not in not_scores}
         if metrics:
             return metrics
     return {}

@@ -20,6 +20,7 @@ RUN_FLAGS = ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none",
 
 
 def _distill():
+    """examples/distill.py, which runs `moma_hf.commands.distill` with the demo config as its defaults."""
     spec = importlib.util.spec_from_file_location("distill", REPO / "examples" / "distill.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["distill"] = module
@@ -41,7 +42,7 @@ def test_ce_with_the_demo_config_loads_no_teacher_and_its_card_names_none(tmp_pa
     def no_teacher(*args, **kwargs):
         raise AssertionError("a ce run loaded a teacher")
 
-    monkeypatch.setattr(distill, "load_teacher", no_teacher)
+    monkeypatch.setattr("moma_hf.commands.distill.load_teacher", no_teacher)
     out = tmp_path / "ce"
     assert distill.main(RUN_FLAGS + ["--method", "ce", "--output_dir", str(out)]) == 0  # the demo config names one
     card = ModelCard.load(out / "README.md")
@@ -51,6 +52,8 @@ def test_ce_with_the_demo_config_loads_no_teacher_and_its_card_names_none(tmp_pa
     table = _hyperparameters(card.text)
     assert "None" not in table.values() and not {"w_kd", "w_moma", "queue_size", "teacher_update"} & set(table)
     assert table["method"] == "ce" and '"teacher_model_name_or_path": null' in (out / "training_args.json").read_text()
+    scores = {m["type"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+    assert {"accuracy", "macro_f1"} <= scores and not {"samples", "unreadable_images"} & scores  # counts, not scores
 
 
 @pytest.mark.timeout(600)
