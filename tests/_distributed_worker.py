@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import NCT_CLASSES, SHARED_DATA, tiny_vit  # noqa: E402
+from conftest import NCT_CLASSES, demo_patch_files, tiny_vit  # noqa: E402
 
 from moma_hf import MoMAForDistillation, MoMATrainer, MoMATrainingArguments  # noqa: E402
 from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image  # noqa: E402
@@ -65,9 +65,9 @@ TERMS = ("loss", "loss_ce", "loss_kd", "loss_moma")
 class NCTPatches(Dataset):
     """All nct-crc-mini patches at 64 px, ImageNet-normalised, in sorted file order, with their position as id."""
 
-    def __init__(self, root: Path, image_size: int = 64):
+    def __init__(self, image_size: int = 64):
         transform = build_eval_transform(image_size)
-        files = sorted(root.glob("*/*.jpg"))
+        files = demo_patch_files()
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.pixels = (torch.stack([transform(load_rgb_image(str(f))) for f in files]) - mean) / std
         self.labels = torch.tensor([NCT_CLASSES.index(f.parent.name) for f in files])
@@ -191,7 +191,7 @@ def main():
     forward_kwargs: set[str] = set()
     model.register_forward_pre_hook(lambda _m, _a, kwargs: forward_kwargs.update(kwargs), with_kwargs=True)
 
-    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=NCTPatches(SHARED_DATA / "nct-crc-mini"),
+    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=NCTPatches(),
                                data_collator=collate)
     trainer.add_callback(GradientRecorder(trainer))
     trainer.train()

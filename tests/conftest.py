@@ -1,27 +1,52 @@
 """Shared pytest fixtures."""
+import shutil
 from pathlib import Path
 
 import pytest
 
 # ---- data fixtures (issue 3: moma_hf/data.py, moma_hf/transforms.py) ------------------------------
-# The real H&E patches live beside the repository, read-only in CI (see ../shared/data/README.md).
+# The bundled demo patches (examples/demo_data: nct-crc-mini's 129 real patches, split into train/ and
+# validation/) serve every test that needs only them; the larger sets live beside the repository, read-only
+# in CI (see ../shared/data/README.md), and the tests that need them skip where they are absent.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "examples" / "demo_data"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: launches several processes with `accelerate launch` (slow)")
+    config.addinivalue_line("markers", "slow: runs a whole script or several processes; "
+                            "`pytest -m 'not slow'` is the fast tier")
+
+
+def demo_patch_files() -> list[Path]:
+    """The 129 demo patches in nct-crc-mini's order: by class folder, then file name (splits ignored)."""
+    return sorted(DEMO_DATA.glob("*/*/*.jpg"), key=lambda f: (f.parent.name, f.name))
 
 
 @pytest.fixture(scope="session")
-def nct_mini_dir() -> Path:
-    """nct-crc-mini: 129 real 224x224 patches, 9 classes, class folders only (no split folders)."""
-    return SHARED_DATA / "nct-crc-mini"
+def nct_mini_dir(tmp_path_factory) -> Path:
+    """nct-crc-mini: 129 real 224x224 patches, 9 classes, class folders only (no split folders), copied from
+    the bundled examples/demo_data."""
+    root = tmp_path_factory.mktemp("nct-crc-mini")
+    for file in demo_patch_files():
+        (root / file.parent.name).mkdir(exist_ok=True)
+        shutil.copyfile(file, root / file.parent.name / file.name)
+    return root
 
 
 @pytest.fixture(scope="session")
 def crc_polyp_dir() -> Path:
-    """crc-polyp-96: 16,500 real 96x96 patches, 5 classes, train/ and test/ split folders."""
-    return SHARED_DATA / "crc-polyp-96"
+    """crc-polyp-96: 16,500 real 96x96 patches, 5 classes, train/ and test/ split folders (../shared/data)."""
+    return shared_data("crc-polyp-96")
+
+
+def shared_data(name: str) -> Path:
+    """`../shared/data/<name>`, or skip the test with the reason when this checkout has no such folder."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent: this test needs the shared data set {name} beside the repository "
+                    "(see ../shared/data/README.md)")
+    return folder
 
 
 # ---- end of data fixtures ---------------------------------------------------------------------------

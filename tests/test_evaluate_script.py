@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from conftest import NCT_CLASSES, SHARED_DATA
+from conftest import NCT_CLASSES, shared_data
 from moma_hf.data import load_rgb_image
 from moma_hf.evaluation import METRIC_KEYS
 from moma_hf.transforms import build_eval_transform
@@ -91,7 +91,7 @@ def test_a_split_with_some_classes_in_another_order_is_matched_by_name(script, h
 
 def test_other_labels_than_the_model_give_a_clear_error(script, tmp_path):
     # crc-polyp-96 has 5 other classes (AC, H, S, T, V); two real patches of each are enough.
-    source = SHARED_DATA / "crc-polyp-96" / "test"
+    source = shared_data("crc-polyp-96") / "test"
     if not source.is_dir():
         pytest.skip(f"{source} is not available")
     data = tmp_path / "polyp"
