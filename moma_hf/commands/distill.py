@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
     trainer.create_model_card()
     if args.push_to_hub:
-        push_student(trainer, f"MoMA student distilled from {args.teacher_model_name_or_path}")
+        message = (f"Student distilled from {args.teacher_model_name_or_path} ({args.method})" if args.method != "ce"
+                   else "Student trained on its labels alone (ce)")
+        push_student(trainer, message)
     return 0
 
 
