@@ -18,6 +18,12 @@ def pytest_configure(config):
                             "`pytest -m 'not slow'` is the fast tier")
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("multiprocess"):  # every launch of several processes is slow
+            item.add_marker(pytest.mark.slow)
+
+
 def demo_patch_files() -> list[Path]:
     """The 129 demo patches in nct-crc-mini's order: by class folder, then file name (splits ignored)."""
     return sorted(DEMO_DATA.glob("*/*/*.jpg"), key=lambda f: (f.parent.name, f.name))

@@ -114,6 +114,7 @@ def _closed_port_endpoint() -> dict:
 
 
 @pytest.mark.parametrize("offline", ["closed port", "HF_HUB_OFFLINE=1"])
+@pytest.mark.slow
 def test_a_hub_teacher_without_a_reachable_hub_fails_at_once_saying_so(tmp_path, offline):
     env = _closed_port_endpoint() if offline == "closed port" else {"HF_HUB_OFFLINE": "1"}
     seconds, error = _load_in_child(tmp_path, "teacher", "owkin/phikon", **env)
@@ -123,6 +124,7 @@ def test_a_hub_teacher_without_a_reachable_hub_fails_at_once_saying_so(tmp_path,
     assert seconds < 20, f"took {seconds} s: the client's retries were not skipped"  # ~25 s with 5 retries
 
 
+@pytest.mark.slow
 def test_an_unknown_student_name_suggests_timm_architectures(tmp_path):
     seconds, error = _load_in_child(tmp_path, "student", "resnet181", **_closed_port_endpoint())
     assert error.startswith("ModelLoadError")
@@ -206,6 +208,7 @@ def test_an_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_the_end_of_run_limit_sums_every_process(nct_mini_dir, tmp_path):
     # Rank 1 alone has 1 bad image of 10 (10%); the run has 1 of 20 (5%). A 7% limit passes on both ranks,
     # a 4% limit fails on both: every rank judges the whole run, so none is left waiting for the other.

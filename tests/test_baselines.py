@@ -20,6 +20,7 @@ EXPECTED_TERMS = {
 
 
 @pytest.mark.parametrize("method", BASELINE_METHODS)
+@pytest.mark.slow
 def test_each_baseline_trains_with_the_moma_trainer_and_logs_its_terms(method, small_moma, nct_mini_dir, tmp_path):
     # The tiny ViT teacher (48-d) and the timm ResNet student (96-d) differ in feature size on purpose.
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, method=method, max_steps=4, save_steps=100)

@@ -151,6 +151,7 @@ def test_split_dataset_by_node_is_disjoint_and_complete(nct_mini_dir):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_two_process_launch_dispatches_disjoint_batches(nct_mini_dir, tmp_path):
     even = tmp_path / "even"  # 128 images: 16 full global batches of 2 x 4
     shutil.copytree(nct_mini_dir, even, ignore=shutil.ignore_patterns("*.csv"))

@@ -130,6 +130,7 @@ def _steps(run: Run, rank: int = 0) -> list[dict]:
     return steps
 
 
+@pytest.mark.slow
 def test_the_launch_is_two_ddp_processes_and_each_gets_its_share_of_the_global_batch_in_order(case):
     name, ddp, ref = case
     for rank in (0, 1):

@@ -26,6 +26,7 @@ def _all_finite(tensors):
     return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_before_the_weights_change_and_names_the_step_and_term(small_moma, nct_mini_dir, tmp_path):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=20, save_steps=5)
     calls = []
@@ -56,6 +57,7 @@ def _poison_running_var_at_call(module, call):
     module.register_forward_hook(hook)
 
 
+@pytest.mark.slow
 def test_a_non_finite_buffer_stops_the_run_before_its_checkpoint_and_is_named(small_moma, nct_mini_dir, tmp_path):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=20, save_steps=5)
     batch_norm = trainer.moma_model.student.timm_model.bn1
@@ -94,6 +96,7 @@ def test_the_last_healthy_checkpoint_predates_the_blow_up_of_the_logged_loss(tmp
     assert last_healthy_checkpoint(str(tmp_path), blown_up[:1] + [{"step": 2, "loss": 1e9}], 1) is None
 
 
+@pytest.mark.slow
 def test_a_learning_rate_given_on_resume_replaces_the_checkpoints(small_moma, nct_mini_dir, tmp_path):
     first = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=4, save_steps=4, learning_rate=2e-3)
     first.train()
@@ -105,6 +108,7 @@ def test_a_learning_rate_given_on_resume_replaces_the_checkpoints(small_moma, nc
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_a_diverged_run_saves_no_non_finite_state_and_the_command_it_prints_recovers(tmp_path):
     out = tmp_path / "out"
     flags = ["--student_model_name_or_path", "test_resnet", "--image_size", "112", "--per_device_train_batch_size",
@@ -124,6 +128,7 @@ def test_a_diverged_run_saves_no_non_finite_state_and_the_command_it_prints_reco
     assert _all_finite(load_file(out / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_a_crash_mid_save_leaves_no_checkpoint_that_resume_would_pick(small_moma, nct_mini_dir, tmp_path,
                                                                         monkeypatch):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=10, save_steps=5)
@@ -167,6 +172,7 @@ class _SigtermAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_stops(small_moma, nct_mini_dir, tmp_path):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=30, save_steps=100)
     trainer.add_callback(_SigtermAt(6))
@@ -181,6 +187,7 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_stops(small_moma, nct_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_sigterm_to_the_main_job_leaves_a_resumable_checkpoint_and_exit_code_143(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-u", "examples/distill.py", "--max_steps", "200", "--save_steps", "1000",

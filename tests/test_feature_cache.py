@@ -20,6 +20,7 @@ def _collator(views, cache=None):
                          feature_cache=cache)
 
 
+@pytest.mark.slow
 def test_cached_features_are_the_teacher_on_the_student_crop(nct_mini_dir, tmp_path):
     torch.manual_seed(0)
     teacher = tiny_vit().eval()
@@ -60,6 +61,7 @@ def _train(small_moma, nct_mini_dir, out, cached: bool):
     return losses, len(calls), trainer
 
 
+@pytest.mark.slow
 def test_distilling_from_the_cache_equals_distilling_with_the_teacher(small_moma, nct_mini_dir, tmp_path):
     cached_losses, cached_calls, trainer = _train(small_moma, nct_mini_dir, tmp_path / "cached", cached=True)
     losses, calls, _ = _train(small_moma, nct_mini_dir, tmp_path / "plain", cached=False)

@@ -95,6 +95,7 @@ def _pool_folders_read(hub) -> set[str]:
     return {path.split("/resolve/", 1)[1].split("/")[1] for path in paths if path.endswith(".parquet")}
 
 
+@pytest.mark.slow
 def test_streams_hub_datasets_by_id_in_one_process(hub, hub_datasets, tmp_path):
     _, pool_v1 = hub_datasets
     out = tmp_path / "out"
@@ -107,6 +108,7 @@ def test_streams_hub_datasets_by_id_in_one_process(hub, hub_datasets, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_streams_hub_datasets_by_id_in_two_processes(hub, hub_datasets, tmp_path):
     labelled_v1, _ = hub_datasets
     out = tmp_path / "out"

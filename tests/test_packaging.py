@@ -35,6 +35,7 @@ def test_wheel_ships_the_card_templates_and_metric_scripts(wheel):
     assert metrics and metrics <= names, metrics - names
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_its_template_and_metrics_outside_the_repository(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -99,6 +99,7 @@ def run_and_preempt(command: list[str], target: str, ranks: int) -> tuple[int, l
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("target", ["worker", "launcher", "group"])
+@pytest.mark.slow
 def test_one_process_preempted_through_any_process_leaves_a_checkpoint_and_exit_code_143(target, tmp_path):
     out = tmp_path / "out"
     code, _, job = run_and_preempt(single_process_command(*TINY_RUN, "--output_dir", out), target, ranks=1)
@@ -107,6 +108,7 @@ def test_one_process_preempted_through_any_process_leaves_a_checkpoint_and_exit_
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_a_killed_launcher_does_not_orphan_its_worker(tmp_path):
     """SIGKILL leaves the launcher no chance to stop its child: the child notices its parent died and checkpoints."""
     out = tmp_path / "out"
@@ -118,6 +120,7 @@ def test_a_killed_launcher_does_not_orphan_its_worker(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("target", ["worker", "launcher", "group"])
+@pytest.mark.slow
 def test_two_processes_preempted_through_any_process_checkpoint_every_rank_and_exit_143(target, tmp_path):
     out = tmp_path / "out"
     command = launch_command("examples/distill.py", *TINY_RUN, "--output_dir", out)

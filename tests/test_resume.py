@@ -34,6 +34,7 @@ def _assert_bit_identical(resumed, straight):
 
 
 @pytest.mark.parametrize("streaming, teacher", [(False, "same"), (True, "vit")], ids=["map-momentum", "stream-frozen"])
+@pytest.mark.slow
 def test_resuming_from_step_20_gives_the_straight_40_step_model(small_moma, nct_mini_dir, tmp_path, streaming,
                                                                  teacher):
     settings = dict(streaming=streaming, teacher=teacher, max_steps=40, save_steps=20, logging_steps=5)
@@ -63,6 +64,7 @@ def test_resuming_from_step_20_gives_the_straight_40_step_model(small_moma, nct_
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_the_command_line_continues_from_checkpoint_20_to_the_straight_runs_student(tmp_path, monkeypatch):
     import importlib.util
     import shutil

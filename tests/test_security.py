@@ -72,6 +72,7 @@ def test_args_pickles_hold_no_token_while_copies_in_memory_keep_it(tmp_path):
     assert TOKEN not in repr(args) and TOKEN not in str(args) and TOKEN not in args.to_json_string()
 
 
+@pytest.mark.slow
 def test_distill_run_resume_and_push_leave_the_token_nowhere_and_the_retry_uploads_what_the_push_does(tmp_path):
     with LoopbackHub(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf_home")
@@ -113,6 +114,7 @@ def test_distill_run_resume_and_push_leave_the_token_nowhere_and_the_retry_uploa
     assert args.hub_token is None and args.max_steps == 3
 
 
+@pytest.mark.slow
 def test_train_teacher_output_and_push_hold_no_token(tmp_path):
     with LoopbackHub(tmp_path / "hub") as hub:
         out = tmp_path / "teacher"
@@ -202,6 +204,7 @@ def test_preflight_fails_fast_when_the_hub_cannot_be_reached(hub, tmp_path, monk
     assert TOKEN not in str(error.value)
 
 
+@pytest.mark.slow
 def test_scripts_with_push_to_hub_stop_before_training(tmp_path):
     with LoopbackHub(tmp_path / "hub") as hub:
         hub.add_token("hf_theOnlyValidToken0123456789", "write")

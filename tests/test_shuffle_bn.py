@@ -11,6 +11,7 @@ from moma_hf.distributed import batch_statistics
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_shuffle_bn_gives_each_process_its_own_samples_computed_with_other_samples_statistics(nct_tensors,
                                                                                               tmp_path):
     pixels = nct_tensors[0][::16][:8].contiguous()  # 8 real patches of different tissues

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
@@ -82,6 +84,7 @@ def test_bf16_runs_the_whole_moma_step_and_keeps_the_queue_in_fp32(small_moma, n
     assert abs(runs["bf16"][0] - runs["fp32"][0]) < 0.03 * runs["fp32"][0], runs
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_the_moma_model_as_eager_does(small_moma, nct_mini_dir, tmp_path):
     # --torch_compile compiles the whole MoMAForDistillation (pooled_features' hooks included).
     losses = {}
