@@ -17,10 +17,15 @@ Both act only when the parent process is such a launcher (read from /proc, so Li
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import select
 import signal
+import struct
+import sys
+import termios
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,27 @@ def notify_launcher() -> None:
     """
     if _launcher_pid is None or os.getppid() != _launcher_pid or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
+    # accelerate's launcher relays its child's stderr through a pipe and stops relaying when it gets SIGTERM:
+    # let it take the last lines (the resume command) first.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        _wait_until_read(stream.fileno())
     os.kill(_launcher_pid, signal.SIGTERM)
+
+
+def _wait_until_read(fd: int, timeout: float = 10.0) -> None:
+    """Wait until the reader of the pipe `fd` has taken everything written to it (at most `timeout` s), plus a
+    moment for it to pass the bytes on. Returns at once when `fd` is not a pipe."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return
+        if unread == 0:
+            time.sleep(0.2)
+            return
+        time.sleep(0.05)
 
 
 def reroute_orphaned_output() -> None:

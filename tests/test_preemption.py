@@ -34,7 +34,8 @@ class Job:
                                         start_new_session=True)
         self.lines: list[str] = []
         self.trained = threading.Event()
-        threading.Thread(target=self._collect, daemon=True).start()
+        self.collector = threading.Thread(target=self._collect, daemon=True)
+        self.collector.start()
 
     def _collect(self):
         for line in self.process.stdout:
@@ -91,6 +92,7 @@ def run_and_preempt(command: list[str], target: str, ranks: int) -> tuple[int, l
         code = job.process.wait(timeout=300)
         gone, alive = psutil.wait_procs(workers, timeout=120)  # no rank trains on as an orphan
         assert not alive, f"still running: {alive}\n{job.output[-4000:]}"
+        job.collector.join(timeout=60)  # every process has exited: read their last lines (the resume command)
         return code, workers, job
     finally:
         if job.process.poll() is None:
