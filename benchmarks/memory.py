@@ -51,7 +51,7 @@ def load_batch(data_dir: Path, batch_size: int, image_size: int):
     """
     from torchvision.transforms import v2
 
-    from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image
+    from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image
 
     classes = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
     files = sorted(f for c in classes for f in (data_dir / c).iterdir() if f.suffix.lower() in (".jpg", ".png"))
@@ -71,7 +71,7 @@ def build_networks(pair: str, id2label: dict, image_size: int, vit_head: bool = 
     """
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-    from moma_hf.students import build_student
+    from moma_hf.networks.students import build_student
 
     student, _ = build_student("resnet18", id2label, image_size=image_size)
     if pair == "momentum":
@@ -106,7 +106,7 @@ def peak_memory(device: torch.device) -> int:
 def run_child(args) -> dict:
     """Build one workload, run ``--steps`` steps and return its memory figures (bytes)."""
     from moma_hf import MoMAForDistillation
-    from moma_hf.backbones import pooled_features
+    from moma_hf.networks.backbones import pooled_features
 
     device = torch.device(args.device)
     pixels, labels, id2label = load_batch(args.data_dir, args.batch_size, args.image_size)

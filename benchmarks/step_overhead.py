@@ -6,7 +6,7 @@ that drift of a shared machine hits all of them alike, and reports the median ov
 
 - (a) `student`: the student's own training step: forward, cross-entropy, backward, SGD step;
 - (b) `teacher`: the teacher's forward in eval mode under `no_grad`;
-- (c) `moma`: a full MoMA step through `MoMATrainer`'s hot path: `compute_loss` (teacher, student, heads,
+- (c) `moma`: a full MoMA step through `DistillationTrainer`'s hot path: `compute_loss` (teacher, student, heads,
   batch attention, queue product, key gather, NaN guard bookkeeping), backward, the guard's all-reduce,
   SGD step, then `finish_optimizer_step` (EMA of the key pathway and enqueue);
 - (d) `kd`: a Hinton KD step through the same trainer path.
@@ -45,17 +45,17 @@ PAIRS = {"momentum": "momentum", "frozen_vit": "frozen"}  # our name -> memory.b
 
 
 def distillation_trainer(method: str, student, teacher, teacher_id2label, args, output_dir: str):
-    """A `MoMATrainer` around a fresh `method` model (no data: only its step path is used) and its optimiser."""
-    from moma_hf import MoMATrainer, MoMATrainingArguments
+    """A `DistillationTrainer` around a fresh `method` model (no data: only its step path is used) and its optimiser."""
+    from moma_hf import DistillationTrainer, DistillationTrainingArguments
     from moma_hf.modeling_baselines import distillation_model_class
 
     model = distillation_model_class(method).from_student_and_teacher(
         student, teacher, teacher_id2label, method=method, projection_dim=512, num_attention_heads=4,
         queue_size=args.queue_size, global_batch_size=args.batch_size,
     ).to(args.device)
-    training_args = MoMATrainingArguments(output_dir=output_dir, report_to="none", use_cpu=args.device == "cpu",
+    training_args = DistillationTrainingArguments(output_dir=output_dir, report_to="none", use_cpu=args.device == "cpu",
                                           per_device_train_batch_size=args.batch_size)
-    trainer = MoMATrainer(model=model, args=training_args)
+    trainer = DistillationTrainer(model=model, args=training_args)
     trainer.model.train()
     trainer.step_guard.on_train_begin(training_args, trainer.state, trainer.control)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -63,7 +63,7 @@ def distillation_trainer(method: str, student, teacher, teacher_id2label, args, 
 
 
 def trainer_step(trainer, optimizer, batch: dict) -> None:
-    """One optimiser step exactly as `MoMATrainer` runs it, minus data loading and logging."""
+    """One optimiser step exactly as `DistillationTrainer` runs it, minus data loading and logging."""
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     trainer.step_guard.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)

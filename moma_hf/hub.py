@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .fault_tolerance import STAGING_DIR
+from .training.fault_tolerance import STAGING_DIR
 
 # What never leaves the machine. `Trainer.push_to_hub` (transformers 5) ignores "_*" and "checkpoint-*": the
 # checkpoints hold the teacher's weights and the optimiser, "_*" the teacher-feature cache. Added here: the

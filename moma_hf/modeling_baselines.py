@@ -16,12 +16,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import feature_dim, pooled_features
-from .baseline_losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
-from .configuration_moma import BASELINE_METHODS, MoMAConfig
-from .key_queue import KeyQueue
+from .networks.backbones import feature_dim, pooled_features
+from .losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
+from .configuration_distillation import BASELINE_METHODS, DistillationConfig
+from .modules.key_queue import KeyQueue
 from .losses import kd_loss, labelled_cross_entropy
-from .modeling_base import DistillationPreTrainedModel
+from .modeling_distillation import DistillationPreTrainedModel
 
 _FEATURE_TERMS = {"fitnet": "loss_fitnet", "rkd": "loss_rkd", "crd": "loss_crd"}
 
@@ -54,14 +54,14 @@ class BaselineForDistillation(DistillationPreTrainedModel):
     """A student trained with CE plus one baseline distillation term from a frozen teacher.
 
     Args:
-        config: a `MoMAConfig` whose `method` is one of `BASELINE_METHODS`. Used fields: `w_ce`; `w_kd` and
+        config: a `DistillationConfig` whose `method` is one of `BASELINE_METHODS`. Used fields: `w_ce`; `w_kd` and
             `kd_temperature` (the `kd` term, or the `dkd` term that replaces it); `w_feature` (fitnet, rkd,
             crd); `projection_dim`, `queue_size`, `contrastive_temperature` (crd's embedding, memory, T).
         student: a built image classifier; built from `config.student_config` when None.
         teacher: a built teacher; None for `ce`, else built from `config.teacher_config` when None.
     """
 
-    def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
+    def __init__(self, config: DistillationConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
         if config.method not in BASELINE_METHODS:
             raise ValueError(f"BaselineForDistillation runs {BASELINE_METHODS}; use MoMAForDistillation for "

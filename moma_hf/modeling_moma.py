@@ -16,12 +16,12 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import backbone_tensors, feature_dim, pooled_features
-from .configuration_moma import MoMAConfig
-from .distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
-from .heads import BatchAttention, FixedProjection, ProjectionHead
-from .key_queue import KeyQueue
-from .modeling_base import DistillationPreTrainedModel
+from .networks.backbones import backbone_tensors, feature_dim, pooled_features
+from .configuration_distillation import DistillationConfig
+from .modules.distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
+from .modules.heads import BatchAttention, FixedProjection, ProjectionHead
+from .modules.key_queue import KeyQueue
+from .modeling_distillation import DistillationPreTrainedModel
 from .losses import info_nce, kd_loss, labelled_cross_entropy
 
 
@@ -62,7 +62,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
 
     loss_terms = ("loss_ce", "loss_kd", "loss_moma")
 
-    def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
+    def __init__(self, config: DistillationConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
         self._attach_networks(student, teacher)
         self.teacher_update = resolve_teacher_update(config.teacher_update, self.student, self.teacher)
@@ -217,4 +217,4 @@ def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) ->
     return mode
 
 
-AutoModel.register(MoMAConfig, MoMAForDistillation)
+AutoModel.register(DistillationConfig, MoMAForDistillation)

@@ -1,7 +1,7 @@
 """Worker for the 2-process data test (``tests/test_data.py::test_two_process_launch_dispatches_disjoint_batches``).
 
 Run under ``accelerate launch --multi_gpu --num_processes 2 --cpu ...``. It streams an image folder
-with :func:`moma_hf.data.load_patch_dataset`, collates with :class:`moma_hf.data.PatchCollator` through
+with :func:`moma_hf.data.loading.load_patch_dataset`, collates with :class:`moma_hf.data.loading.PatchCollator` through
 an ``accelerator.prepare``\\ d DataLoader (Accelerate's default batch dispatching for iterable datasets)
 for each folder given, and writes, per rank, the ids of the samples it received and its batch sizes to ``<out>/rank<r>.json``.
 Sample ids are positions in the sorted list of the folder's files (strings cannot be broadcast).
@@ -15,8 +15,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from moma_hf.data import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset
-from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
+from moma_hf.data.loading import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset
+from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
 
 
 class _IdCollator:

@@ -1,4 +1,4 @@
-"""Worker for ``tests/test_distributed.py``: a real ``MoMATrainer`` run that records what each process holds.
+"""Worker for ``tests/test_distributed.py``: a real ``DistillationTrainer`` run that records what each process holds.
 
 Run either under ``accelerate launch --multi_gpu --num_processes 2`` on CPU (2 gloo processes, DDP), or as a
 plain ``python tests/_distributed_worker.py`` (one process: the reference). Both paths run the same code.
@@ -17,7 +17,7 @@ rank 0 and ``2t + 1`` on rank 1, i.e. samples ``[2tB, 2tB + 2B)`` in rank order;
 them as one batch.
 
 Each example carries a ``sample_id`` (its position in the sorted file list). The trainer subclass below pops it
-from the inputs before ``MoMATrainer.compute_loss`` (so ``MoMAForDistillation.forward`` never receives it, which
+from the inputs before ``DistillationTrainer.compute_loss`` (so ``MoMAForDistillation.forward`` never receives it, which
 a forward pre-hook records), and wraps ``compute_loss`` and ``finish_optimizer_step`` to record, per step:
 
 * per micro-batch: the sample ids, the unweighted/weighted loss terms and the local ``contrastive_keys``;
@@ -55,8 +55,8 @@ sys.path.insert(0, str(TESTS))
 
 from conftest import NCT_CLASSES, demo_patch_files, tiny_vit  # noqa: E402
 
-from moma_hf import MoMAForDistillation, MoMATrainer, MoMATrainingArguments  # noqa: E402
-from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image  # noqa: E402
+from moma_hf import MoMAForDistillation, DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image  # noqa: E402
 
 QUERY_MODULES = ("student", "query_head", "query_attention")
 TERMS = ("loss", "loss_ce", "loss_kd", "loss_moma")
@@ -99,8 +99,8 @@ def query_grads(model: MoMAForDistillation) -> dict[str, torch.Tensor]:
     return grads
 
 
-class RecordingTrainer(MoMATrainer):
-    """``MoMATrainer`` that records each micro-batch and each optimiser step (it changes no computation)."""
+class RecordingTrainer(DistillationTrainer):
+    """``DistillationTrainer`` that records each micro-batch and each optimiser step (it changes no computation)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,7 +119,7 @@ class RecordingTrainer(MoMATrainer):
         return (loss, outputs) if return_outputs else loss
 
     def finish_optimizer_step(self) -> None:
-        moma = self.moma_model
+        moma = self.distillation_model
         enqueued: list[torch.Tensor] = []
         enqueue = moma.enqueue
         moma.enqueue = lambda keys: (enqueued.append(keys.clone()), enqueue(keys))[1]  # see what it is given
@@ -145,12 +145,12 @@ class GradientRecorder(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        for name, grad in query_grads(self.trainer.moma_model).items():
+        for name, grad in query_grads(self.trainer.distillation_model).items():
             self.trainer.tensors[f"grad/{state.global_step + 1}/{name}"] = grad
 
     def on_substep_end(self, args, state, control, **kwargs):
         if len(self.trainer._micro) == 1:  # only the first micro-batch of the step has been run
-            for name, grad in query_grads(self.trainer.moma_model).items():
+            for name, grad in query_grads(self.trainer.distillation_model).items():
                 self.trainer.tensors[f"grad_micro0/{state.global_step + 1}/{name}"] = grad
 
 
@@ -175,7 +175,7 @@ def main():
     teacher = tiny_vit()
     assert student.config.hidden_dropout_prob == student.config.attention_probs_dropout_prob == 0.0
 
-    training_args = MoMATrainingArguments(
+    training_args = DistillationTrainingArguments(
         output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, optim="sgd", learning_rate=0.01, max_grad_norm=0.0,
         lr_scheduler_type="constant",
@@ -196,7 +196,7 @@ def main():
     trainer.add_callback(GradientRecorder(trainer))
     trainer.train()
 
-    moma = trainer.moma_model
+    moma = trainer.distillation_model
     rank = trainer.args.process_index
     tensors = {f"final/{name}": t.detach().clone().contiguous() for name, t in moma.state_dict().items()}
     tensors.update(trainer.tensors)

@@ -1,7 +1,7 @@
 """Worker for `tests/test_distributed.py::test_shuffle_bn_*`: one Shuffle-BN teacher forward on 2 processes.
 
 Each rank builds the same BatchNorm network (seed 0), takes its own 4 real patches, runs
-`moma_hf.distributed.shuffled_forward` with BN on batch statistics, and writes its inputs, outputs and the
+`moma_hf.modules.distributed.shuffled_forward` with BN on batch statistics, and writes its inputs, outputs and the
 shared permutation to `<out>/rank<r>.safetensors`, so the test can recompute everything in one process.
 """
 import argparse
@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import moma_hf.distributed as distributed  # noqa: E402
+import moma_hf.modules.distributed as distributed  # noqa: E402
 from conftest import timm_classifier  # noqa: E402
-from moma_hf.backbones import pooled_features  # noqa: E402
+from moma_hf.networks.backbones import pooled_features  # noqa: E402
 
 
 def main():

@@ -65,8 +65,8 @@ NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 def nct_tensors(nct_mini_dir):
     """All 129 nct-crc-mini patches at 64 px, ImageNet-normalised: `(pixel_values (129,3,64,64), labels (129,))`."""
     import torch
-    from moma_hf.data import load_rgb_image
-    from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+    from moma_hf.data.loading import load_rgb_image
+    from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 
     transform = build_eval_transform(64)
     files = sorted(nct_mini_dir.glob("*/*.jpg"))
@@ -103,7 +103,7 @@ def tiny_vit(names=NCT_CLASSES, classifier=True):
 @pytest.fixture
 def small_moma():
     """Factory: the distillation model of `method` (default MoMA) with small D and K around student and teacher."""
-    from moma_hf.backbones import classifier_head
+    from moma_hf.networks.backbones import classifier_head
     from moma_hf.modeling_baselines import distillation_model_class
 
     def build(student=None, teacher=None, **config):
@@ -118,7 +118,7 @@ def small_moma():
 
     return build
 def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher="vit", **overrides):
-    """A MoMATrainer for 30 steps of a tiny timm student and ViT teacher on nct-crc-mini at 64 px.
+    """A DistillationTrainer for 30 steps of a tiny timm student and ViT teacher on nct-crc-mini at 64 px.
 
     `streaming` streams the folder instead; `teacher="same"` gives a teacher with the student's architecture and
     weights (so the key pathway is a momentum copy, BN statistics included) instead of the frozen ViT.
@@ -127,11 +127,11 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher=
 
     from transformers import set_seed
 
-    from moma_hf import MoMATrainer, MoMATrainingArguments
-    from moma_hf.cli import DataArguments, build_collators
-    from moma_hf.data import label_names, load_patch_dataset
-    from moma_hf.students import build_student
-    from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from moma_hf import DistillationTrainer, DistillationTrainingArguments
+    from moma_hf.data.arguments import DataArguments, build_collators
+    from moma_hf.data.loading import label_names, load_patch_dataset
+    from moma_hf.networks.students import build_student
+    from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     dataset = load_patch_dataset(str(nct_mini_dir), "train", streaming=streaming, seed=0)
     names = label_names(dataset)
@@ -140,7 +140,7 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher=
         lr_scheduler_type="constant", logging_steps=1, save_steps=15,
         report_to="none", use_cpu=True, seed=0, queue_size=32, projection_dim=32,
     )
-    args = MoMATrainingArguments(**{**settings, **overrides})
+    args = DistillationTrainingArguments(**{**settings, **overrides})
     set_seed(args.seed)  # as examples/distill.py does: the same seed builds the same models
     student, processor = build_student("test_resnet", dict(enumerate(names)), image_size=64)
     teacher = copy.deepcopy(student) if teacher == "same" else tiny_vit(names=names)
@@ -148,7 +148,7 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher=
     data_args = DataArguments(train_dir=str(nct_mini_dir), randaugment="", stain_jitter=0.0)
     train_collator, eval_collator = build_collators(data_args, 64, len(names), (IMAGENET_MEAN, IMAGENET_STD),
                                                     ([0.5] * 3, [0.5] * 3))
-    return MoMATrainer(model=model, args=args, train_dataset=dataset, data_collator=train_collator,
+    return DistillationTrainer(model=model, args=args, train_dataset=dataset, data_collator=train_collator,
                        eval_data_collator=eval_collator, processing_class=processor)
 
 

@@ -8,11 +8,11 @@ import pytest
 from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
 
 from conftest import make_trainer
-from moma_hf.cli import DataArguments, build_collators
-from moma_hf.collator import BadImageWarning, TooManyBadImagesError
-from moma_hf.data import label_names, load_patch_dataset
-from moma_hf.evaluation import evaluate_and_save
-from moma_hf.transforms import normalization_from_processor
+from moma_hf.data.arguments import DataArguments, build_collators
+from moma_hf.data.collator import BadImageWarning, TooManyBadImagesError
+from moma_hf.data.loading import label_names, load_patch_dataset
+from moma_hf.evaluation.metrics import evaluate_and_save
+from moma_hf.data.transforms import normalization_from_processor
 
 from test_evaluate_script import DEMO_TEACHER, DEMO_VALIDATION
 
@@ -78,8 +78,8 @@ def test_a_short_run_with_too_many_unreadable_images_never_ends_successfully(sma
 # ---- names that do not exist ------------------------------------------------------------------------
 _LOAD_AND_TIME = """
 import sys, time
-from moma_hf.students import build_student
-from moma_hf.teachers import load_teacher
+from moma_hf.networks.students import build_student
+from moma_hf.networks.teachers import load_teacher
 start = time.perf_counter()  # the load alone, not the imports
 try:
     if sys.argv[1] == "teacher":
@@ -133,8 +133,8 @@ def test_an_unknown_student_name_suggests_timm_architectures(tmp_path):
 
 
 def test_an_unknown_student_name_on_a_reachable_hub_says_it_is_not_there(hub):
-    from moma_hf.names import ModelLoadError
-    from moma_hf.students import build_student
+    from moma_hf.networks.model_names import ModelLoadError
+    from moma_hf.networks.students import build_student
 
     with pytest.raises(ModelLoadError, match=r"neither a timm architecture \(nearest names: resnet18.*does not exist "
                                              r"on the Hub"):
@@ -144,7 +144,7 @@ def test_an_unknown_student_name_on_a_reachable_hub_says_it_is_not_there(hub):
 
 @pytest.mark.parametrize("path", ["/tmp/no_such_teacher", "./no_such_teacher", "outputs/runs/no_such_teacher"])
 def test_a_missing_local_teacher_folder_is_named_as_such(path):
-    from moma_hf.teachers import TeacherLoadError, load_teacher
+    from moma_hf.networks.teachers import TeacherLoadError, load_teacher
 
     with pytest.raises(TeacherLoadError, match=rf"'{path}' looks like a local path, but this folder does not exist"):
         load_teacher(path)
@@ -153,7 +153,7 @@ def test_a_missing_local_teacher_folder_is_named_as_such(path):
 def test_a_missing_train_dir_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch):
     import time
 
-    from moma_hf.cli import load_datasets
+    from moma_hf.data.arguments import load_datasets
 
     monkeypatch.chdir(tmp_path)  # "data/patches" could be a Hub dataset id; as --train_dir it is a local path
     start = time.perf_counter()
@@ -164,21 +164,21 @@ def test_a_missing_train_dir_fails_at_once_without_asking_the_hub(tmp_path, monk
 
 # ---- configuration edge cases ----------------------------------------------------------------------
 def _parse(*argv):
-    from moma_hf.cli import parse_args
-    from moma_hf.trainer_moma import MoMATrainingArguments
+    from moma_hf.commands.parsing import parse_args
+    from moma_hf.training_args import DistillationTrainingArguments
 
-    return parse_args((DataArguments, MoMATrainingArguments), ["--train_dir", "examples/demo_data",
+    return parse_args((DataArguments, DistillationTrainingArguments), ["--train_dir", "examples/demo_data",
                                                                 "--output_dir", "out", *argv])
 
 
 def test_zero_attention_heads_is_refused_with_the_flag_and_a_fix():
-    from moma_hf.configuration_moma import MoMAConfig
+    from moma_hf.configuration_distillation import DistillationConfig
 
     _, args = _parse("--attention_heads", "0")
     with pytest.raises(ValueError, match=r"num_attention_heads=0 \(--attention_heads\) must be a positive integer"):
-        MoMAConfig(**args.moma_config_kwargs())
+        DistillationConfig(**args.moma_config_kwargs())
     with pytest.raises(ValueError, match=r"projection_dim=512 must be a positive multiple of num_attention_heads=3"):
-        MoMAConfig(num_attention_heads=3)
+        DistillationConfig(num_attention_heads=3)
 
 
 def test_a_yaml_file_that_is_not_a_mapping_is_named(tmp_path):

@@ -1,4 +1,4 @@
-"""Every baseline trains through the same MoMATrainer and data path as MoMA, and logs its own terms."""
+"""Every baseline trains through the same DistillationTrainer and data path as MoMA, and logs its own terms."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_trainer
-from moma_hf.configuration_moma import BASELINE_METHODS
+from moma_hf.configuration_distillation import BASELINE_METHODS
 from moma_hf.modeling_baselines import BaselineForDistillation
 
 EXPECTED_TERMS = {
@@ -24,7 +24,7 @@ EXPECTED_TERMS = {
 def test_each_baseline_trains_with_the_moma_trainer_and_logs_its_terms(method, small_moma, nct_mini_dir, tmp_path):
     # The tiny ViT teacher (48-d) and the timm ResNet student (96-d) differ in feature size on purpose.
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, method=method, max_steps=4, save_steps=100)
-    model = trainer.moma_model
+    model = trainer.distillation_model
     assert isinstance(model, BaselineForDistillation) and model.loss_terms == EXPECTED_TERMS[method]
     assert (model.teacher is None) == (method == "ce")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

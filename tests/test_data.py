@@ -1,4 +1,4 @@
-"""Tests for moma_hf.data on the real H&E patches in ../shared/data (read-only: we write only to tmp_path)."""
+"""Tests for moma_hf.data.loading on the real H&E patches in ../shared/data (read-only: we write only to tmp_path)."""
 import io
 import json
 import shutil
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moma_hf.data import (
+from moma_hf.data.loading import (
     BadImageWarning,
     PatchCollator,
     label_names,
@@ -23,7 +23,7 @@ from moma_hf.data import (
     load_rgb_image,
     shard_for_process,
 )
-from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
 from conftest import REPO, launch_two_processes
 

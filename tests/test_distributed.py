@@ -1,7 +1,7 @@
-"""MoMATrainer under 2 real gloo CPU processes (``accelerate launch --multi_gpu --num_processes 2``).
+"""DistillationTrainer under 2 real gloo CPU processes (``accelerate launch --multi_gpu --num_processes 2``).
 
 Each case launches ``tests/_distributed_worker.py`` for real on 2 processes x batch ``B`` and, at the same time, as
-a plain single process over the same global batches (the reference); both run a real ``MoMATrainer`` for
+a plain single process over the same global batches (the reference); both run a real ``DistillationTrainer`` for
 ``STEPS`` optimiser steps on nct-crc-mini patches and record, per rank, the final state dict and per-step
 losses, keys, queue, pointer and gradients (see the worker's docstring). The tests then check the issue's
 requirements:

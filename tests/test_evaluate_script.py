@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from conftest import NCT_CLASSES, shared_data
-from moma_hf.data import load_rgb_image
-from moma_hf.evaluation import METRIC_KEYS
-from moma_hf.transforms import build_eval_transform
+from moma_hf.data.loading import load_rgb_image
+from moma_hf.evaluation.metrics import METRIC_KEYS
+from moma_hf.data.transforms import build_eval_transform
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_TEACHER = EXAMPLES / "demo_teacher"
@@ -126,7 +126,7 @@ def _with_unreadable_files(tmp_path) -> Path:
 def test_unreadable_images_are_skipped_counted_and_left_out_of_the_metrics(script, hand_predictions, tmp_path,
                                                                             caplog):
     data = _with_unreadable_files(tmp_path)
-    with caplog.at_level("WARNING", logger="moma_hf.evaluation"), pytest.warns(UserWarning, match="notes.jpg"):
+    with caplog.at_level("WARNING", logger="moma_hf.evaluation.metrics"), pytest.warns(UserWarning, match="notes.jpg"):
         results = run(script, data, tmp_path / "out", "--max_bad_image_fraction", "0.1")
 
     files = sorted(DEMO_VALIDATION.glob("*/*.jpg"))

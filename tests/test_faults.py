@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from conftest import make_trainer
-from moma_hf.fault_tolerance import (STAGING_DIR, NonFiniteLossError, NonFiniteStateError, last_healthy_checkpoint,
+from moma_hf.training.fault_tolerance import (STAGING_DIR, NonFiniteLossError, NonFiniteStateError, last_healthy_checkpoint,
                                      non_finite_tensors, publish_checkpoint)
 from moma_hf.hub import HubPushError, push_student
 
@@ -35,14 +35,14 @@ def test_a_nan_loss_stops_before_the_weights_change_and_names_the_step_and_term(
         calls.append(1)
         return output * float("nan") if len(calls) == 10 else output
 
-    trainer.moma_model.query_head.register_forward_hook(poison_the_query_at_step_10)
+    trainer.distillation_model.query_head.register_forward_hook(poison_the_query_at_step_10)
     with pytest.raises(NonFiniteLossError, match=r"optimiser step 10: loss, loss_moma is NaN or Inf.*"
                                                  r"--resume_from_checkpoint"):
         trainer.train()
     # Step 10 was a save step: its checkpoint was never written, so no checkpoint holds NaN weights.
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
     assert _all_finite(load_file(tmp_path / "checkpoint-5" / "model.safetensors").values())
-    assert _all_finite(trainer.moma_model.state_dict().values())  # the optimiser never applied the NaN step
+    assert _all_finite(trainer.distillation_model.state_dict().values())  # the optimiser never applied the NaN step
 
 
 def _poison_running_var_at_call(module, call):
@@ -60,7 +60,7 @@ def _poison_running_var_at_call(module, call):
 @pytest.mark.slow
 def test_a_non_finite_buffer_stops_the_run_before_its_checkpoint_and_is_named(small_moma, nct_mini_dir, tmp_path):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=20, save_steps=5)
-    batch_norm = trainer.moma_model.student.timm_model.bn1
+    batch_norm = trainer.distillation_model.student.timm_model.bn1
     _poison_running_var_at_call(batch_norm, 8)  # BN uses batch statistics in training: every loss stays finite
     with pytest.raises(NonFiniteStateError, match=r"after optimiser step 10: 1 tensor\(s\) hold NaN or Inf "
                                                   r"\(student\.timm_model\.bn1\.running_var\)"):
@@ -71,7 +71,7 @@ def test_a_non_finite_buffer_stops_the_run_before_its_checkpoint_and_is_named(sm
 
 def test_a_non_finite_state_is_never_exported(small_moma, nct_mini_dir, tmp_path):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=3, save_steps=100)
-    _poison_running_var_at_call(trainer.moma_model.student.timm_model.bn1, 3)
+    _poison_running_var_at_call(trainer.distillation_model.student.timm_model.bn1, 3)
     with pytest.raises(NonFiniteStateError, match=r"after optimiser step 3.*bn1\.running_var"):
         trainer.train()  # raised at the end of training, before the caller's save_model()
 
@@ -181,7 +181,7 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_stops(small_moma, nct_
     assert trainer.stopped_by_signal and trainer.state.global_step == 7
     saved = load_file(tmp_path / "checkpoint-7" / "model.safetensors")
     assert saved["key_queue.queue_ptr"].item() == 7 * 16 % 32
-    assert torch.equal(saved["key_queue.queue"], trainer.moma_model.key_queue.queue)
+    assert torch.equal(saved["key_queue.queue"], trainer.distillation_model.key_queue.queue)
     assert (tmp_path / "checkpoint-7" / "optimizer.pt").exists()
     assert signal.getsignal(signal.SIGTERM) == handler_before
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import make_trainer, tiny_vit
-from moma_hf.backbones import pooled_features
-from moma_hf.collator import PatchCollator
-from moma_hf.data import load_patch_dataset
-from moma_hf.feature_cache import ROW_KEY, TeacherFeatureCache, add_row_index, attach_feature_cache, build_feature_cache
-from moma_hf.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
+from moma_hf.networks.backbones import pooled_features
+from moma_hf.data.collator import PatchCollator
+from moma_hf.data.loading import load_patch_dataset
+from moma_hf.data.feature_cache import ROW_KEY, TeacherFeatureCache, add_row_index, attach_feature_cache, build_feature_cache
+from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
 
 TEACHER_NORM = ([0.5] * 3, [0.5] * 3)  # unlike the student's, so the teacher's input is its own tensor
 

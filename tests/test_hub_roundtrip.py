@@ -7,9 +7,9 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 from conftest import NCT_CLASSES, make_trainer, timm_classifier, tiny_vit
-from moma_hf.evaluation import evaluate_and_save
-from moma_hf.model_card import MoMAModelCardData
-from moma_hf.teachers import TeacherLoadError, load_teacher
+from moma_hf.evaluation.metrics import evaluate_and_save
+from moma_hf.evaluation.model_card import MoMAModelCardData
+from moma_hf.networks.teachers import TeacherLoadError, load_teacher
 
 TOKEN = "hf_moma_secret_write_token_123"
 
@@ -31,7 +31,7 @@ def test_distilled_student_pushes_and_reloads_with_the_same_predictions(hub, sma
 
     files = hub.read("user/moma-student", "config.json")
     assert b"timm_wrapper" in files
-    student = trainer.moma_model.student.eval()
+    student = trainer.distillation_model.student.eval()
     reloaded = AutoModelForImageClassification.from_pretrained("user/moma-student").eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The shipped `evaluate` metric modules (moma_hf/metrics) against values worked out by hand, and moma_hf.evaluation."""
+"""The shipped `evaluate` metric modules (moma_hf/metrics) against values worked out by hand, and moma_hf.evaluation.metrics."""
 
 import json
 import math
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from moma_hf import evaluation
-from moma_hf.metrics import METRIC_NAMES, METRICS_DIR, load_metric
+from moma_hf.evaluation import metrics as evaluation
+from moma_hf.evaluation.metric_scripts import METRIC_NAMES, METRICS_DIR, load_metric
 
 # The worked example: 3 classes, 12 examples, confusion matrix (rows: reference, columns: prediction)
 #     [[4, 1, 0],      row sums (support)      r = (5, 5, 2)
@@ -161,7 +161,7 @@ def test_metrics_load_offline_with_read_only_caches(monkeypatch, tmp_path):
 
 def test_no_script_shadows_the_evaluate_library():
     """`python examples/<script>.py` puts examples/ first on sys.path: no script there may be named evaluate.py."""
-    examples = METRICS_DIR.parents[1] / "examples"
+    examples = METRICS_DIR.parents[2] / "examples"
     assert not (examples / "evaluate.py").exists()
     found = subprocess.run([sys.executable, "-c", "import evaluate; print(evaluate.load.__module__)"], cwd=examples,
                            env={**os.environ, "PYTHONPATH": str(examples)}, capture_output=True, text=True, timeout=120)

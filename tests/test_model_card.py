@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from conftest import NCT_CLASSES, REPO, id2label, timm_classifier
-from moma_hf.configuration_moma import MoMAConfig
+from moma_hf.configuration_distillation import DistillationConfig
 
 RUN_FLAGS = ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "8",
              "--disable_tqdm", "true", "--logging_steps", "1"]
@@ -100,11 +100,11 @@ def test_kd_switched_off_by_integer_labels_is_logged_and_the_card_says_so(intege
 def test_every_switched_off_term_has_a_reason():
     student = timm_classifier().config
     same = dict(student_config=student, teacher_id2label=id2label(), projection_dim=32, queue_size=64)
-    assert MoMAConfig(**same).switched_off_terms() == {}
-    assert MoMAConfig(**same, w_kd=0, w_moma=0, w_ce=0).switched_off_terms() == {
+    assert DistillationConfig(**same).switched_off_terms() == {}
+    assert DistillationConfig(**same, w_kd=0, w_moma=0, w_ce=0).switched_off_terms() == {
         "loss_ce": "w_ce=0", "loss_kd": "w_kd=0", "loss_moma": "w_moma=0"}
-    headless = MoMAConfig(**{**same, "teacher_id2label": None}, teacher_name_or_path="owkin/phikon")
+    headless = DistillationConfig(**{**same, "teacher_id2label": None}, teacher_name_or_path="owkin/phikon")
     assert headless.switched_off_terms() == {
         "loss_kd": "the teacher owkin/phikon has no classifier head, so it gives no logits"}
-    assert MoMAConfig(**same, method="fitnet", w_feature=0).switched_off_terms() == {"loss_fitnet": "w_feature=0"}
-    assert MoMAConfig(**same, method="ce").switched_off_terms() == {}
+    assert DistillationConfig(**same, method="fitnet", w_feature=0).switched_off_terms() == {"loss_fitnet": "w_feature=0"}
+    assert DistillationConfig(**same, method="ce").switched_off_terms() == {}

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import NCT_CLASSES, timm_classifier, tiny_vit
-from moma_hf import MoMAConfig, MoMAForDistillation
-from moma_hf.backbones import pooled_features
-from moma_hf.key_queue import KeyQueue
+from moma_hf import DistillationConfig, MoMAForDistillation
+from moma_hf.networks.backbones import pooled_features
+from moma_hf.modules.key_queue import KeyQueue
 from moma_hf.losses import info_nce, kd_loss
 
 
@@ -142,14 +142,14 @@ def test_batch_attention_keeps_each_sample_only_with_its_residual(small_moma, nc
 
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="multiple of"):
-        MoMAConfig(projection_dim=30, num_attention_heads=4)
+        DistillationConfig(projection_dim=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="momentum"):
-        MoMAConfig(momentum=1.0)
+        DistillationConfig(momentum=1.0)
     with pytest.raises(ValueError, match="global batch"):
-        MoMAConfig(queue_size=32, global_batch_size=64)
+        DistillationConfig(queue_size=32, global_batch_size=64)
     with pytest.raises(ValueError, match="w_kd"):
-        MoMAConfig(student_config=timm_classifier().config, teacher_id2label={0: "tumour", 1: "normal"}, w_kd=1.0)
-    same = MoMAConfig(student_config=timm_classifier().config, teacher_id2label=dict(enumerate(NCT_CLASSES)))
+        DistillationConfig(student_config=timm_classifier().config, teacher_id2label={0: "tumour", 1: "normal"}, w_kd=1.0)
+    same = DistillationConfig(student_config=timm_classifier().config, teacher_id2label=dict(enumerate(NCT_CLASSES)))
     assert same.w_kd == 1.0 and same.same_label_space
 
 

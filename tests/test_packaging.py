@@ -30,7 +30,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_ships_the_card_templates_and_metric_scripts(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {f"moma_hf/model_cards/{p.name}" for p in (REPO / "model_cards").glob("*.j2")}
-    metrics = {p.relative_to(REPO).as_posix() for p in (REPO / "moma_hf" / "metrics").glob("*/*.py")}
+    metrics = {p.relative_to(REPO).as_posix() for p in (REPO / "moma_hf" / "evaluation" / "metric_scripts").glob("*/*.py")}
     assert templates and templates <= names, templates - names
     assert metrics and metrics <= names, metrics - names
 
@@ -40,7 +40,7 @@ def test_installed_wheel_finds_its_template_and_metrics_outside_the_repository(w
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
-        "import moma_hf.model_card as card, moma_hf.metrics as metrics\n"
+        "import moma_hf.evaluation.model_card as card, moma_hf.evaluation.metric_scripts as metrics\n"
         "print(card.template_path()); print(metrics.load_metric('accuracy').compute("
         "predictions=[0, 1, 1], references=[0, 1, 0])['accuracy'])\n"
     )

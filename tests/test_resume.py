@@ -24,7 +24,7 @@ class _Crash(TrainerCallback):
 
 
 def _state(trainer):
-    return {name: tensor.detach().clone() for name, tensor in trainer.moma_model.state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in trainer.distillation_model.state_dict().items()}
 
 
 def _assert_bit_identical(resumed, straight):
@@ -55,7 +55,7 @@ def test_resuming_from_step_20_gives_the_straight_40_step_model(small_moma, nct_
     resumed = _state(second)
 
     assert second.state.global_step == 40
-    queue = second.moma_model.key_queue
+    queue = second.distillation_model.key_queue
     assert queue.queue_ptr.item() == 40 * 16 % queue.size and queue.queue_len.item() == queue.size
     _assert_bit_identical(resumed, expected)
     straight_losses = [h["loss"] for h in straight.state.log_history if "loss" in h and h["step"] > 20]
@@ -92,8 +92,8 @@ def test_the_command_line_continues_from_checkpoint_20_to_the_straight_runs_stud
 
 
 def test_a_stream_trains_as_one_endless_sequence_of_reshuffled_epochs(nct_mini_dir):
-    from moma_hf.data import load_patch_dataset
-    from moma_hf.streaming import EPOCH_KEY, EndlessStream
+    from moma_hf.data.loading import load_patch_dataset
+    from moma_hf.data.streaming import EPOCH_KEY, EndlessStream
 
     examples = iter(EndlessStream(load_patch_dataset(str(nct_mini_dir), "train", streaming=True, seed=0)))
     seen = [next(examples) for _ in range(2 * 129 + 5)]

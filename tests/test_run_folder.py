@@ -11,7 +11,7 @@ import pytest
 from transformers import TrainingArguments
 
 from conftest import REPO
-from moma_hf.run_folder import OutputDirInUseError, check_output_dir, prepare_output_dir
+from moma_hf.training.run_folder import OutputDirInUseError, check_output_dir, prepare_output_dir
 
 # A short demo run (the demo config supplies teacher, student and data) that keeps two checkpoints.
 DEMO_FLAGS = ["--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5", "--report_to", "none",

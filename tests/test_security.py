@@ -18,12 +18,13 @@ import torch
 
 from conftest import REPO, free_port, id2label, tiny_vit
 from hub_server import LoopbackHub
-from moma_hf import token_safety
-from moma_hf.cli import DataArguments, parse_args
+from moma_hf.training import token_safety
+from moma_hf.commands.parsing import parse_args
+from moma_hf.data.arguments import DataArguments
 from moma_hf.hub import HubAccessError, check_push_access
-from moma_hf.students import build_student
-from moma_hf.teachers import load_teacher
-from moma_hf.trainer_moma import MoMATrainingArguments
+from moma_hf.networks.students import build_student
+from moma_hf.networks.teachers import load_teacher
+from moma_hf.training_args import DistillationTrainingArguments
 
 TOKEN = "hf_FAKEsecurityTOKEN0123456789abcdef"
 DEMO = REPO / "examples"
@@ -61,12 +62,12 @@ def repo_files(hub: LoopbackHub, repo_id: str) -> set[str]:
 # ---- 1. no artefact holds the token --------------------------------------------------------------------------
 
 def test_args_pickles_hold_no_token_while_copies_in_memory_keep_it(tmp_path):
-    args = MoMATrainingArguments(output_dir=str(tmp_path), hub_token=TOKEN, report_to="none", use_cpu=True)
+    args = DistillationTrainingArguments(output_dir=str(tmp_path), hub_token=TOKEN, report_to="none", use_cpu=True)
     buffer = io.BytesIO()
     torch.save(args, buffer)  # what the Trainer writes as checkpoint-*/training_args.bin
     assert TOKEN.encode() not in buffer.getvalue() and TOKEN.encode() not in pickle.dumps(args)
     restored = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-    assert isinstance(restored, MoMATrainingArguments) and restored.hub_token is None
+    assert isinstance(restored, DistillationTrainingArguments) and restored.hub_token is None
     assert restored.queue_size == args.queue_size and restored.output_dir == args.output_dir
     assert copy.deepcopy(args).hub_token == TOKEN and copy.copy(args).hub_token == TOKEN
     assert TOKEN not in repr(args) and TOKEN not in str(args) and TOKEN not in args.to_json_string()
@@ -136,7 +137,7 @@ def test_train_teacher_output_and_push_hold_no_token(tmp_path):
 def fresh_warning(monkeypatch, caplog):
     monkeypatch.setattr(token_safety, "_warned", False)
     monkeypatch.delenv("RANK", raising=False)
-    caplog.set_level(logging.WARNING, logger="moma_hf.token_safety")
+    caplog.set_level(logging.WARNING, logger="moma_hf.training.token_safety")
     return caplog
 
 
@@ -146,10 +147,10 @@ def _token_warnings(caplog) -> list[str]:
 
 def test_hub_token_flag_warns_once_and_never_prints_the_token(fresh_warning, tmp_path):
     flags = ["--train_dir", "examples/demo_data", "--output_dir", str(tmp_path), "--report_to", "none"]
-    parse_args((DataArguments, MoMATrainingArguments), flags)
+    parse_args((DataArguments, DistillationTrainingArguments), flags)
     assert _token_warnings(fresh_warning) == []  # no flag, no warning (HF_TOKEN / hf auth login is the safe path)
-    _, args = parse_args((DataArguments, MoMATrainingArguments), [*flags, "--hub_token", TOKEN])
-    parse_args((DataArguments, MoMATrainingArguments), [*flags, f"--hub_token={TOKEN}"])
+    _, args = parse_args((DataArguments, DistillationTrainingArguments), [*flags, "--hub_token", TOKEN])
+    parse_args((DataArguments, DistillationTrainingArguments), [*flags, f"--hub_token={TOKEN}"])
     assert args.hub_token == TOKEN  # the flag still works
     warnings = _token_warnings(fresh_warning)
     assert len(warnings) == 1 and "HF_TOKEN" in warnings[0] and "hf auth login" in warnings[0]
@@ -160,17 +161,17 @@ def test_hub_token_in_yaml_warns_on_the_main_process_only(fresh_warning, tmp_pat
     config = tmp_path / "run.yaml"
     config.write_text(f"train_dir: examples/demo_data\noutput_dir: {tmp_path}\nreport_to: none\nhub_token: {TOKEN}\n")
     monkeypatch.setenv("RANK", "1")
-    parse_args((DataArguments, MoMATrainingArguments), ["--config", str(config)])
+    parse_args((DataArguments, DistillationTrainingArguments), ["--config", str(config)])
     assert _token_warnings(fresh_warning) == []
     monkeypatch.setenv("RANK", "0")
-    parse_args((DataArguments, MoMATrainingArguments), ["--config", str(config)])
+    parse_args((DataArguments, DistillationTrainingArguments), ["--config", str(config)])
     assert len(_token_warnings(fresh_warning)) == 1 and TOKEN not in fresh_warning.text
 
 
 # ---- 3. --push_to_hub preflight -----------------------------------------------------------------------------
 
 def _push_args(tmp_path, token=None):
-    return MoMATrainingArguments(output_dir=str(tmp_path / "my-student"), push_to_hub=True, hub_token=token,
+    return DistillationTrainingArguments(output_dir=str(tmp_path / "my-student"), push_to_hub=True, hub_token=token,
                                  report_to="none", use_cpu=True)
 
 

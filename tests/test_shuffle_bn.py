@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, launch_two_processes, timm_classifier
-from moma_hf.backbones import pooled_features
-from moma_hf.distributed import batch_statistics
+from moma_hf.networks.backbones import pooled_features
+from moma_hf.modules.distributed import batch_statistics
 
 
 @pytest.mark.multiprocess

@@ -48,7 +48,7 @@ def test_exported_timm_student_gives_one_prediction_through_every_loader(exporte
     processor = AutoImageProcessor.from_pretrained(out)
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        trained = trainer.moma_model.student.eval()(pixel_values=pixels).logits
+        trained = trainer.distillation_model.student.eval()(pixel_values=pixels).logits
         reloaded = AutoModelForImageClassification.from_pretrained(out).eval()(pixel_values=pixels).logits
     torch.testing.assert_close(reloaded, trained)
 

@@ -1,4 +1,4 @@
-"""MoMATrainer on real patches: the loss falls, checkpoints keep the MoMA state, the export is a plain student."""
+"""DistillationTrainer on real patches: the loss falls, checkpoints keep the MoMA state, the export is a plain student."""
 
 import json
 
@@ -23,7 +23,7 @@ def test_a_30_step_run_lowers_the_loss_logs_every_term_and_exports_the_student(s
     first, last = sum(h["loss"] for h in logs[2:7]) / 5, sum(h["loss"] for h in logs[-5:]) / 5
     assert last < 0.9 * first, (first, last)
 
-    moma = trainer.moma_model
+    moma = trainer.distillation_model
     assert moma.key_queue.queue_ptr.item() == (30 * 16) % 32  # short last batches are dropped
     checkpoint = load_file(tmp_path / "checkpoint-30" / "model.safetensors")
     assert torch.equal(checkpoint["key_queue.queue"], moma.key_queue.queue)
@@ -73,8 +73,8 @@ def test_bf16_runs_the_whole_moma_step_and_keeps_the_queue_in_fp32(small_moma, n
         trainer.model.query_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
         trainer.train()
         runs[precision] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        queue = trainer.moma_model.key_queue.queue
-        assert queue.dtype == torch.float32 and trainer.moma_model.key_queue.queue_len.item() == 32
+        queue = trainer.distillation_model.key_queue.queue
+        assert queue.dtype == torch.float32 and trainer.distillation_model.key_queue.queue_len.item() == 32
         assert torch.isfinite(queue).all()
         torch.testing.assert_close(queue.norm(dim=1), torch.ones(32))  # enqueued keys stay unit rows
         # the projection heads really ran under bf16 autocast (or not)

@@ -1,10 +1,10 @@
-"""Tests for moma_hf.transforms on real H&E patches."""
+"""Tests for moma_hf.data.transforms on real H&E patches."""
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from moma_hf.transforms import (
+from moma_hf.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     HEDJitter,

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import NCT_CLASSES, REPO
-from moma_hf.backbones import pooled_features
-from moma_hf.data import shard_for_process
+from moma_hf.networks.backbones import pooled_features
+from moma_hf.data.loading import shard_for_process
 from moma_hf.losses import info_nce, kd_loss, labelled_cross_entropy
-from moma_hf.unlabelled import UNLABELLED, load_unlabelled_patches, mix_labelled_and_unlabelled
+from moma_hf.data.unlabeled import UNLABELLED, load_unlabelled_patches, mix_labelled_and_unlabelled
 
 
 def test_labelled_cross_entropy_averages_over_the_labelled_examples_only():
@@ -99,7 +99,7 @@ def test_parquet_without_labels_loads_as_unlabelled(nct_mini_dir, tmp_path):
 
 
 def test_mixing_in_natural_proportions_or_at_a_labelled_fraction(nct_mini_dir, flat_folder):
-    from moma_hf.data import load_patch_dataset
+    from moma_hf.data.loading import load_patch_dataset
 
     labelled = load_patch_dataset(str(nct_mini_dir), streaming=False)
     unlabelled = load_unlabelled_patches(str(flat_folder), NCT_CLASSES, streaming=False)

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from moma_hf.commands import distill, train_teacher
-from moma_hf.run_folder import unfinished_run_flags
+from moma_hf.training.run_folder import unfinished_run_flags
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")

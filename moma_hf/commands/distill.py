@@ -15,19 +15,20 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from moma_hf import MoMATrainer, MoMATrainingArguments
-from moma_hf.backbones import input_size
-from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
-from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
-from moma_hf.feature_cache import attach_feature_cache
+from moma_hf import DistillationTrainer, DistillationTrainingArguments
+from moma_hf.networks.backbones import input_size
+from moma_hf.commands.parsing import parse_args
+from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
+from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
+from moma_hf.data.feature_cache import attach_feature_cache
 from moma_hf.hub import check_push_access, push_student
-from moma_hf.launcher import notify_launcher
-from moma_hf.model_card import MoMAModelCardData
+from moma_hf.training.launcher import notify_launcher
+from moma_hf.evaluation.model_card import MoMAModelCardData
 from moma_hf.modeling_baselines import distillation_model_class
-from moma_hf.run_folder import check_output_dir, prepare_output_dir
-from moma_hf.students import SAME_AS_TEACHER, build_student
-from moma_hf.teachers import load_teacher
-from moma_hf.transforms import normalization_from_processor
+from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
+from moma_hf.networks.students import SAME_AS_TEACHER, build_student
+from moma_hf.networks.teachers import load_teacher
+from moma_hf.data.transforms import normalization_from_processor
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 logger = logging.get_logger("distill")
@@ -42,12 +43,12 @@ class CardArguments:
     dataset_citation: str | None = field(default=None, metadata={"help": "Attribution text for the data."})
 
 
-def needs_teacher(args: MoMATrainingArguments) -> bool:
+def needs_teacher(args: DistillationTrainingArguments) -> bool:
     """Every method but `ce` distils a teacher; a `same-as-teacher` student is built from one in any case."""
     return args.method != "ce" or args.student_model_name_or_path == SAME_AS_TEACHER
 
 
-def load_run_teacher(args: MoMATrainingArguments):
+def load_run_teacher(args: DistillationTrainingArguments):
     """The run's `Teacher`, or None for a `ce` run, whose teacher (from a config file, say) is not loaded."""
     if not needs_teacher(args):
         if args.teacher_model_name_or_path:
@@ -58,7 +59,7 @@ def load_run_teacher(args: MoMATrainingArguments):
                         trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
 
 
-def build_model(args: MoMATrainingArguments, teacher, labels: list[str], image_size: int | None):
+def build_model(args: DistillationTrainingArguments, teacher, labels: list[str], image_size: int | None):
     """`(distillation model, student's image processor, image size)`; logs every loss term that is off, and why.
 
     Without `--image_size` the size is the teacher's input, or with no teacher the student's own.
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     `default_config` is a YAML file used when no data flag and no `--config` is given (`examples/distill.py`
     passes the bundled demo's).
     """
-    data_args, card_args, args = parse_args((DataArguments, CardArguments, MoMATrainingArguments), argv,
+    data_args, card_args, args = parse_args((DataArguments, CardArguments, DistillationTrainingArguments), argv,
                                             default_config)
     if data_args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
         dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,
         eval_split=data_args.validation_split, dataset_citation=card_args.dataset_citation,
     )
-    trainer = MoMATrainer(
+    trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=train_collator, eval_data_collator=eval_collator, processing_class=processor,
         compute_metrics=make_compute_metrics(len(labels)), model_card_data=card,

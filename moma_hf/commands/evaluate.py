@@ -8,13 +8,13 @@ labelled patch dataset.
 
 The model loads with `AutoModelForImageClassification.from_pretrained` (transformers and timm-wrapped models);
 remote code runs only with --trust_remote_code. The data is a Hub dataset (--dataset_name) or a local image folder,
-parquet files or webdataset tars (--data_dir), read by `moma_hf.data.load_patch_dataset`. Its label names must be
+parquet files or webdataset tars (--data_dir), read by `moma_hf.data.loading.load_patch_dataset`. Its label names must be
 the model's `id2label` names (all of them, or some of them for a split that lacks classes; the order may differ).
 Images are resized to the model's input size (--image_size overrides it) and normalised with its processor's mean
 and std, as during evaluation in training. A token for private repos comes from `hf auth login` or `HF_TOKEN`,
 never from a flag, which would end up in shell histories and job logs.
 
-Writes into --output_dir (see `moma_hf.evaluation.save_evaluation`):
+Writes into --output_dir (see `moma_hf.evaluation.metrics.save_evaluation`):
 
 - `eval_results.json`: `eval_accuracy`, `eval_balanced_accuracy`, `eval_macro_f1`, `eval_cohen_kappa`,
   `eval_quadratic_kappa`, `eval_samples` (the images scored), `eval_unreadable_images` (files that could not be
@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from moma_hf.cli import parse_args
-from moma_hf.collator import UNREADABLE, PatchCollator
-from moma_hf.data import check_local_source, label_names, load_patch_dataset
-from moma_hf.evaluation import confusion_matrix, prediction_metrics, save_evaluation, score_readable
-from moma_hf.transforms import build_eval_transform, normalization_from_processor
+from moma_hf.commands.parsing import parse_args
+from moma_hf.data.collator import UNREADABLE, PatchCollator
+from moma_hf.data.loading import check_local_source, label_names, load_patch_dataset
+from moma_hf.evaluation.metrics import confusion_matrix, prediction_metrics, save_evaluation, score_readable
+from moma_hf.data.transforms import build_eval_transform, normalization_from_processor
 
 logger = logging.getLogger(__name__)
 

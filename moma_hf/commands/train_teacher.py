@@ -18,14 +18,15 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
-from moma_hf.bad_image_limit import BadImageLimitCallback
-from moma_hf.cli import DataArguments, build_collators, load_datasets, parse_args
-from moma_hf.evaluation import evaluate_and_save, make_compute_metrics
+from moma_hf.training.bad_image_limit import BadImageLimitCallback
+from moma_hf.commands.parsing import parse_args
+from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
+from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.hub import check_push_access, push_student
-from moma_hf.run_folder import OutputDirArguments, prepare_output_dir
-from moma_hf.students import build_student
-from moma_hf.token_safety import TokenSafeArgumentsMixin
-from moma_hf.transforms import normalization_from_processor
+from moma_hf.training.run_folder import OutputDirArguments, prepare_output_dir
+from moma_hf.networks.students import build_student
+from moma_hf.training.token_safety import TokenSafeArgumentsMixin
+from moma_hf.data.transforms import normalization_from_processor
 
 
 @dataclass

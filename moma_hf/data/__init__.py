@@ -1,0 +1,1 @@
+"""Data in: labelled and unlabelled patch datasets, transforms, the collator, streams and the teacher-feature cache."""

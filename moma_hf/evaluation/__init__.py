@@ -1,0 +1,1 @@
+"""Results out: metrics, plots and the model card."""
