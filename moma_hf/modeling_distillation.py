@@ -88,6 +88,12 @@ class DistillationPreTrainedModel(PreTrainedModel):
             return teacher_features, teacher_logits
         return pooled_features(self.teacher, pixel_values if teacher_pixel_values is None else teacher_pixel_values)
 
+    @property
+    def queue_fill(self) -> float | None:
+        """The share of the key queue (or CRD's memory) that holds real keys; None for methods without one."""
+        queues = [module for module in self.modules() if isinstance(module, KeyQueue)]
+        return queues[0].fill if queues else None
+
     def momentum_update(self) -> None:
         """After each optimiser step: update EMA copies (none by default)."""
 

@@ -143,9 +143,9 @@ class DistillationTrainer(Trainer):
         if "loss" in logs and self._term_steps:
             means = self.accelerator.reduce(self._term_sums / self._term_steps, reduction="mean")
             logs.update({name: round(value, 4) for name, value in zip(self.loss_terms, means.tolist())})
-            queue = getattr(self.distillation_model, "key_queue", None)
-            if queue is not None:
-                logs["queue_fill"] = round(queue.queue_len.item() / queue.size, 4)
+            fill = self.distillation_model.queue_fill
+            if fill is not None:
+                logs["queue_fill"] = round(fill, 4)
             self._term_sums, self._term_steps = None, 0
         if "loss" in logs and self._window_start is not None:
             # Host time blocked on the DataLoader over wall time since the last log (this process's view): near

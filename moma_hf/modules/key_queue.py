@@ -37,6 +37,11 @@ class KeyQueue(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.size)
         self.queue_len.clamp_(max=self.size - keys.shape[0]).add_(keys.shape[0])
 
+    @property
+    def fill(self) -> float:
+        """The share of slots that hold a real key, in [0, 1] (one host sync: call it when logging)."""
+        return self.queue_len.item() / self.size
+
     def valid_mask(self) -> torch.Tensor:
         """`(K,)` bool, True for slots that hold a real key (no host sync, so it is safe in the training step)."""
         return torch.arange(self.size, device=self.queue.device) < self.queue_len
