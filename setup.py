@@ -37,7 +37,7 @@ setup(
         "tensorboard>=2.15,<3",
         "scipy>=1.11,<2",  # moma-compare's confidence intervals
     ],
-    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"]},
+    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.8,<1"]},
     entry_points={
         "console_scripts": [
             "moma-distill = moma_hf.commands.distill:main",
