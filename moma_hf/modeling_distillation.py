@@ -94,6 +94,12 @@ class DistillationPreTrainedModel(PreTrainedModel):
         queues = [module for module in self.modules() if isinstance(module, KeyQueue)]
         return queues[0].fill if queues else None
 
+    @property
+    def student_summary(self) -> dict:
+        """What the exported student is: `{"architecture": timm name or transformers class, "num_parameters": int}`."""
+        name = getattr(self.student.config, "architecture", None) or type(self.student).__name__
+        return {"architecture": name, "num_parameters": sum(p.numel() for p in self.student.parameters())}
+
     def momentum_update(self) -> None:
         """After each optimiser step: update EMA copies (none by default)."""
 
