@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moma_hf.data.loading import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset  # noqa: E402
+from moma_hf.data import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset  # noqa: E402
 from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform  # noqa: E402
 
 

@@ -1,8 +1,9 @@
 """Worker for ``tests/test_bad_input.py::test_the_end_of_run_limit_sums_every_process``.
 
 Run under ``accelerate launch --multi_gpu --num_processes 2``. Each rank collates 10 real patches through its own
-:class:`moma_hf.data.collator.PatchCollator`; rank 1 has one unreadable file among them (10% of its images, 5% of the
-run's). It then ends training as the Trainer does, through :class:`moma_hf.training.bad_image_limit.BadImageLimitCallback`,
+:class:`moma_hf.data.PatchCollator`; rank 1 has one unreadable file among them (10% of its images, 5% of the
+run's). It then ends training as the Trainer does, through
+:class:`moma_hf.training.bad_image_limit.BadImageLimitCallback`,
 and writes to ``<out>/rank<r>.json`` whether the callback raised, and its message.
 """
 import argparse
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from moma_hf.training.bad_image_limit import BadImageLimitCallback
 from moma_hf.data.collator import BadImageWarning, PatchCollator
 from moma_hf.data.transforms import build_eval_transform
+from moma_hf.training.bad_image_limit import BadImageLimitCallback
 
 
 def main():

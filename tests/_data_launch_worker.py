@@ -1,9 +1,10 @@
 """Worker for the 2-process data test (``tests/test_data.py::test_two_process_launch_dispatches_disjoint_batches``).
 
 Run under ``accelerate launch --multi_gpu --num_processes 2 --cpu ...``. It streams an image folder
-with :func:`moma_hf.data.loading.load_patch_dataset`, collates with :class:`moma_hf.data.loading.PatchCollator` through
+with :func:`moma_hf.data.load_patch_dataset`, collates with :class:`moma_hf.data.PatchCollator` through
 an ``accelerator.prepare``\\ d DataLoader (Accelerate's default batch dispatching for iterable datasets)
-for each folder given, and writes, per rank, the ids of the samples it received and its batch sizes to ``<out>/rank<r>.json``.
+for each folder given, and writes, per rank, the ids of the samples it received and its batch sizes to
+``<out>/rank<r>.json``.
 Sample ids are positions in the sorted list of the folder's files (strings cannot be broadcast).
 """
 import argparse
@@ -15,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from moma_hf.data.loading import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset
+from moma_hf.data import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset
 from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
 
 
@@ -44,13 +45,16 @@ def main():
     records = []
     for folder in args.data:
         files = sorted(
-            os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS
         )
         dataset = load_patch_dataset(folder, "train", streaming=True)
-        loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=_IdCollator(collator, {f: i for i, f in enumerate(files)}))
+        id_collator = _IdCollator(collator, {f: i for i, f in enumerate(files)})
+        loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=id_collator)
         ids, sizes = [], []
         for batch in accelerator.prepare(loader):
-            assert batch["pixel_values"].shape == batch["teacher_pixel_values"].shape == (len(batch["labels"]), 3, 32, 32)
+            expected = (len(batch["labels"]), 3, 32, 32)
+            assert batch["pixel_values"].shape == batch["teacher_pixel_values"].shape == expected
             ids.extend(batch["sample_ids"].tolist())
             sizes.append(len(batch["sample_ids"]))
         records.append({"num_files": len(files), "ids": ids, "sizes": sizes})

@@ -65,8 +65,7 @@ NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 def nct_tensors(nct_mini_dir):
     """All 129 nct-crc-mini patches at 64 px, ImageNet-normalised: `(pixel_values (129,3,64,64), labels (129,))`."""
     import torch
-    from moma_hf.data.loading import load_rgb_image
-    from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+    from moma_hf.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image
 
     transform = build_eval_transform(64)
     files = sorted(nct_mini_dir.glob("*/*.jpg"))

@@ -5,16 +5,15 @@ import shutil
 import warnings
 
 import pytest
+from conftest import make_trainer
+from test_evaluate_script import DEMO_TEACHER, DEMO_VALIDATION
 from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
 
-from conftest import make_trainer
 from moma_hf.data.arguments import DataArguments, build_collators
 from moma_hf.data.collator import BadImageWarning, TooManyBadImagesError
 from moma_hf.data.loading import label_names, load_patch_dataset
-from moma_hf.evaluation.metrics import evaluate_and_save
 from moma_hf.data.transforms import normalization_from_processor
-
-from test_evaluate_script import DEMO_TEACHER, DEMO_VALIDATION
+from moma_hf.evaluation.metrics import evaluate_and_save
 
 
 def _add_unreadable(folder, count: int) -> None:
@@ -174,9 +173,9 @@ def _parse(*argv):
 def test_zero_attention_heads_is_refused_with_the_flag_and_a_fix():
     from moma_hf.configuration_distillation import DistillationConfig
 
-    _, args = _parse("--attention_heads", "0")
+    # refused as the flags are parsed, not minutes later when the model is built
     with pytest.raises(ValueError, match=r"num_attention_heads=0 \(--attention_heads\) must be a positive integer"):
-        DistillationConfig(**args.moma_config_kwargs())
+        _parse("--attention_heads", "0")
     with pytest.raises(ValueError, match=r"projection_dim=512 must be a positive multiple of num_attention_heads=3"):
         DistillationConfig(num_attention_heads=3)
 

@@ -1,4 +1,4 @@
-"""Tests for moma_hf.data.loading on the real H&E patches in ../shared/data (read-only: we write only to tmp_path)."""
+"""Tests for moma_hf.data (loading, sources, collator) on real H&E patches (read-only: we write only to tmp_path)."""
 import io
 import json
 import shutil
@@ -13,19 +13,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, launch_two_processes
 from PIL import Image
 
-from moma_hf.data.loading import (
+from moma_hf.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     BadImageWarning,
     PatchCollator,
+    build_eval_transform,
+    build_train_transform,
     label_names,
     load_patch_dataset,
     load_rgb_image,
     shard_for_process,
 )
-from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
-
-from conftest import REPO, launch_two_processes
+from moma_hf.data.sources import looks_like_local_path, with_known_features
 
 NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 HALF = ((0.5,) * 3, (0.5,) * 3)
@@ -134,7 +137,8 @@ def test_parquet_and_webdataset_match_imagefolder(nct_mini_dir, nct_parquet, nct
 
 def test_parquet_integer_labels_are_reindexed(nct_mini_dir, tmp_path):
     files = _nct_files(nct_mini_dir)[:6]
-    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [30, 10, 20, 10, 30, 20]}), tmp_path / "a.parquet")
+    table = pa.table({"image": [f.read_bytes() for f in files], "label": [30, 10, 20, 10, 30, 20]})
+    pq.write_table(table, tmp_path / "a.parquet")
     for streaming in (True, False):
         dataset = load_patch_dataset(str(tmp_path / "a.parquet"), "test", streaming=streaming)
         assert label_names(dataset) == ["10", "20", "30"]
@@ -191,7 +195,8 @@ def test_missing_path_and_empty_split_errors(tmp_path, crc_polyp_dir):
         (tmp_path / "patches" / "train" / tissue).mkdir(parents=True)
     with pytest.raises(ValueError, match=r"'.*patches/train' is empty"):
         load_patch_dataset(str(tmp_path / "patches"))
-    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    empty = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "e.parquet")
     with pytest.raises(ValueError, match=r"'.*e\.parquet' has no rows"):
         load_patch_dataset(str(tmp_path / "e.parquet"))
 
@@ -234,10 +239,12 @@ def test_collator_skips_corrupt_image_and_converts_odd_ones(messy_folder):
         ]
     assert len([w for w in caught if issubclass(w.category, BadImageWarning)]) == 1
     assert [len(b["labels"]) for b in batches] == [5, 5, 3]  # the batch size is kept
-    assert all(torch.isfinite(b["pixel_values"]).all() and b["teacher_pixel_values"].shape == b["pixel_values"].shape for b in batches)
+    assert all(torch.isfinite(b["pixel_values"]).all() for b in batches)
+    assert all(b["teacher_pixel_values"].shape == b["pixel_values"].shape for b in batches)
     assert (collator.num_seen, collator.num_bad) == (13, 1)
     assert collator.bad_files == [str(messy_folder / "TUM" / "truncated.jpg")]
-    alpha, tiny = load_rgb_image(str(messy_folder / "LYM" / "alpha.png")), load_rgb_image(str(messy_folder / "LYM" / "tiny.png"))
+    alpha = load_rgb_image(str(messy_folder / "LYM" / "alpha.png"))
+    tiny = load_rgb_image(str(messy_folder / "LYM" / "tiny.png"))
     assert alpha.mode == tiny.mode == "RGB" and alpha.getpixel((100, 0)) == (255, 255, 255)  # transparent -> white
     assert build_train_transform(64)(tiny).shape == (3, 64, 64)
 
@@ -261,14 +268,16 @@ def test_load_rgb_image_converts_modes(nct_mini_dir, mode):
 def test_bad_fraction_threshold_error(nct_mini_dir):
     files = _nct_files(nct_mini_dir)[:10]
     good = [{"image": {"path": str(f), "bytes": None}, "label": 0} for f in files]
-    broken = [{"image": {"path": f"slide{i}.jpg", "bytes": f.read_bytes()[:300]}, "label": 0} for i, f in enumerate(files[:2])]
+    broken = [{"image": {"path": f"slide{i}.jpg", "bytes": f.read_bytes()[:300]}, "label": 0}
+              for i, f in enumerate(files[:2])]
     lenient = PatchCollator(build_eval_transform(32), HALF, max_bad_fraction=0.1, min_samples_for_threshold=5)
     with pytest.warns(BadImageWarning):
         lenient(broken[:1] + good[1:])  # 1 of 10 = 10%: allowed
     strict = PatchCollator(build_eval_transform(32), HALF, max_bad_fraction=0.1, min_samples_for_threshold=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)
-        with pytest.raises(ValueError, match=r"2 of 10 images \(20\.00%\).*10\.00%.*slide0\.jpg.*--max_bad_image_fraction"):
+        expected = r"2 of 10 images \(20\.00%\).*10\.00%.*slide0\.jpg.*--max_bad_image_fraction"
+        with pytest.raises(ValueError, match=expected):
             strict(broken + good[2:])
         with pytest.raises(ValueError, match=r"Every image of a batch of 2.*slide0\.jpg.*slide1\.jpg"):
             PatchCollator(build_eval_transform(32), HALF)(broken)
@@ -281,3 +290,29 @@ def test_collator_normalises_the_same_crop_twice(nct_mini_dir):
     assert torch.allclose(batch["pixel_values"] * std + mean, batch["teacher_pixel_values"] * 0.5 + 0.5, atol=1e-5)
     student_only = PatchCollator(build_eval_transform(48), IMAGENET)(examples)
     assert set(student_only) == {"pixel_values", "labels"} and student_only["labels"].tolist() == [3] * 4
+
+
+def test_a_stream_that_declares_no_columns_gets_them_from_its_first_examples(nct_mini_dir):
+    """`with_known_features` replaces datasets' private `IterableDataset._resolve_features` with public calls."""
+    files = _nct_files(nct_mini_dir)[:3]
+
+    def examples():
+        for file in files:
+            yield {"image": {"bytes": file.read_bytes(), "path": file.name}, "label": file.parent.name}
+
+    stream = datasets.IterableDataset.from_generator(examples)
+    assert stream.features is None
+    typed = with_known_features(stream, "the stream")
+    assert typed.features == datasets.Features({"image": {"bytes": datasets.Value("binary"),
+                                                          "path": datasets.Value("string")},
+                                                "label": datasets.Value("string")})
+    assert [e["image"]["path"] for e in typed] == [f.name for f in files]
+    assert with_known_features(typed, "the stream") is typed
+    with pytest.raises(ValueError, match="the empty stream yielded no example"):
+        with_known_features(datasets.IterableDataset.from_generator(lambda: iter(())), "the empty stream")
+
+
+@pytest.mark.parametrize("name, local", [("org/name", False), ("name", False), ("./name", True), ("a/b/c", True),
+                                         ("~/data", True), ("/abs/path", True)])
+def test_a_local_path_is_told_from_a_hub_id(name, local):
+    assert looks_like_local_path(name) is local

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from conftest import NCT_CLASSES, shared_data
-from moma_hf.data.loading import load_rgb_image
+from moma_hf.data.transforms import load_rgb_image
 from moma_hf.evaluation.metrics import METRIC_KEYS
 from moma_hf.data.transforms import build_eval_transform
 

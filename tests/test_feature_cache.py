@@ -1,15 +1,26 @@
 """Teacher-feature cache: cached outputs are the teacher on the student's very crop, and training from the cache
 equals training with the teacher running on the same views."""
 
+from functools import partial
+
 import pytest
 import torch
-
 from conftest import make_trainer, tiny_vit
+
+from moma_hf.commands.distill import cache_teacher_outputs
+from moma_hf.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchCollator,
+    TeacherFeatureCache,
+    add_row_index,
+    build_feature_cache,
+    build_train_transform,
+    dataset_fingerprint,
+    load_patch_dataset,
+)
+from moma_hf.data.feature_cache import ROW_KEY
 from moma_hf.networks.backbones import pooled_features
-from moma_hf.data.collator import PatchCollator
-from moma_hf.data.loading import load_patch_dataset
-from moma_hf.data.feature_cache import ROW_KEY, TeacherFeatureCache, add_row_index, attach_feature_cache, build_feature_cache
-from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
 
 TEACHER_NORM = ([0.5] * 3, [0.5] * 3)  # unlike the student's, so the teacher's input is its own tensor
 
@@ -25,8 +36,8 @@ def test_cached_features_are_the_teacher_on_the_student_crop(nct_mini_dir, tmp_p
     torch.manual_seed(0)
     teacher = tiny_vit().eval()
     dataset = add_row_index(load_patch_dataset(str(nct_mini_dir), "train", streaming=False))
-    cache = build_feature_cache(teacher, dataset, _collator(views=2), tmp_path / "cache", {"teacher": "tiny"},
-                                batch_size=48, progress=False)
+    cache = build_feature_cache(partial(pooled_features, teacher), dataset, _collator(views=2), tmp_path / "cache",
+                                {"teacher": "tiny"}, batch_size=48, progress=False)
     assert cache.table.num_rows == 2 * len(dataset) and TeacherFeatureCache(tmp_path / "cache").views == 2
 
     # A training batch of epoch 5 (view 1), in another order and batch than the cache was built with.
@@ -49,11 +60,11 @@ def test_cached_features_are_the_teacher_on_the_student_crop(nct_mini_dir, tmp_p
 def _train(small_moma, nct_mini_dir, out, cached: bool):
     trainer = make_trainer(small_moma, nct_mini_dir, out, max_steps=6, save_strategy="no",
                            cache_teacher_features=cached, cache_views=2)
-    trainer.data_collator.views = 2  # the uncached run augments with the same two views
+    trainer.data_collator.set_views(2)  # the uncached run augments with the same two views
     if cached:
         facts = {"teacher": "tiny", "image_size": 64}
-        trainer.train_dataset = attach_feature_cache(trainer.model, trainer.train_dataset, trainer.data_collator,
-                                                     trainer.args, facts)
+        trainer.train_dataset = cache_teacher_outputs(trainer.model, trainer.train_dataset, trainer.data_collator,
+                                                      trainer.args, facts)
     calls = []
     trainer.model.teacher.register_forward_pre_hook(lambda *_: calls.append(1))
     trainer.train()
@@ -72,14 +83,69 @@ def test_distilling_from_the_cache_equals_distilling_with_the_teacher(small_moma
 
     # Reuse checks what the cached crops depend on.
     with pytest.raises(ValueError, match="image_size: cache has 64, this run needs 96"):
-        attach_feature_cache(trainer.model, trainer.train_dataset.remove_columns(ROW_KEY), trainer.data_collator,
-                             trainer.args, {"teacher": "tiny", "image_size": 96})
+        cache_teacher_outputs(trainer.model, trainer.train_dataset.remove_columns(ROW_KEY), trainer.data_collator,
+                              trainer.args, {"teacher": "tiny", "image_size": 96})
 
 
 def test_the_cache_refuses_streams_and_momentum_teachers(small_moma, nct_mini_dir, tmp_path):
     stream = make_trainer(small_moma, nct_mini_dir, tmp_path / "s", streaming=True, cache_teacher_features=True)
     with pytest.raises(ValueError, match="map-style"):
-        attach_feature_cache(stream.model, stream.train_dataset, stream.data_collator, stream.args, {})
+        cache_teacher_outputs(stream.model, stream.train_dataset, stream.data_collator, stream.args, {})
     momentum = make_trainer(small_moma, nct_mini_dir, tmp_path / "m", teacher="same", cache_teacher_features=True)
     with pytest.raises(ValueError, match="frozen teacher"):
-        attach_feature_cache(momentum.model, momentum.train_dataset, momentum.data_collator, momentum.args, {})
+        cache_teacher_outputs(momentum.model, momentum.train_dataset, momentum.data_collator, momentum.args, {})
+
+
+def test_the_collator_takes_a_cache_only_for_its_own_views(nct_mini_dir, tmp_path):
+    """Attaching a cache after construction runs the same check as the constructor: the views must match."""
+    dataset = add_row_index(load_patch_dataset(str(nct_mini_dir), "train", streaming=False).select(range(8)))
+    teacher = tiny_vit().eval()
+    cache = build_feature_cache(partial(pooled_features, teacher), dataset, _collator(views=2), tmp_path / "c", {},
+                                batch_size=8, progress=False)
+    for collator in (_collator(views=3), _collator(views=None)):
+        with pytest.raises(ValueError, match="The feature cache holds 2 views"):
+            collator.use_feature_cache(cache)
+        assert collator.feature_cache is None
+    with pytest.raises(ValueError, match="The feature cache holds 2 views"):
+        _collator(views=3, cache=cache)
+    collator = _collator(views=2)
+    collator.use_feature_cache(cache)
+    with pytest.raises(ValueError, match="The feature cache holds 2 views; the collator was given 4"):
+        collator.set_views(4)  # a cache never serves crops of other views
+    with pytest.raises(ValueError, match="positive integer"):
+        _collator(views=0)
+    assert set(collator([dataset[0], dataset[5]])) == {"pixel_values", "teacher_features", "teacher_logits", "labels"}
+    with pytest.raises(ValueError, match="fixed views and no cache"):  # built from pixels, never from a cache
+        build_feature_cache(partial(pooled_features, teacher), dataset, collator, tmp_path / "d", {}, progress=False)
+
+
+def test_the_dataset_fingerprint_follows_the_data(nct_mini_dir):
+    """Pins `dataset_fingerprint`, the one use of datasets' private `Dataset._fingerprint`: a datasets upgrade that
+    changes it fails here. The same data loaded twice has one fingerprint; other rows or columns another."""
+    first = load_patch_dataset(str(nct_mini_dir), "train", streaming=False)
+    again = load_patch_dataset(str(nct_mini_dir), "train", streaming=False)
+    fingerprint = dataset_fingerprint(first)
+    assert isinstance(fingerprint, str) and len(fingerprint) >= 16
+    assert dataset_fingerprint(again) == fingerprint
+    assert dataset_fingerprint(first.select(range(10))) != fingerprint
+    assert dataset_fingerprint(add_row_index(first)) != fingerprint
+
+
+def test_the_data_package_knows_no_model():
+    """`moma_hf/data` imports nothing from the networks, modules, models, training or evaluation: the teacher
+    reaches the feature cache as a callable."""
+    import ast
+    from pathlib import Path
+
+    import moma_hf.data
+
+    above = ("networks", "modules", "modeling", "configuration", "training", "trainer", "evaluation", "losses", "hub",
+             "commands")
+    for path in Path(moma_hf.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                top = module.lstrip(".").removeprefix("moma_hf.").split(".")[0]
+                assert node.level < 2 and not top.startswith(above), f"{path.name} imports {module}"
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("moma_hf") for alias in node.names), path.name

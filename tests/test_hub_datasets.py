@@ -1,8 +1,8 @@
 """`distill.py --dataset_name org/ds --streaming` streams a Hub dataset by repo id from the loopback Hub, in 1 and
-in 2 processes, with an unlabelled Hub pool (`--unlabeled_dataset_name`), and honours revision pins of both.
+in 2 processes, with an unlabeled Hub pool (`--unlabeled_dataset_name`), and honours revision pins of both.
 
-Each dataset repo has two revisions. The labelled one: a 9-class commit, then a 3-class commit on `main`, so the
-exported student's labels show which revision trained it. The unlabelled pool: shards under `v1/`, then a commit
+Each dataset repo has two revisions. The labeled one: a 9-class commit, then a 3-class commit on `main`, so the
+exported student's labels show which revision trained it. The unlabeled pool: shards under `v1/`, then a commit
 that moves them to `v2/`, so the server's request log shows which revision was streamed.
 """
 
@@ -14,9 +14,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
 from conftest import REPO, launch_command, launch_env
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 DEMO = REPO / "examples" / "demo_data"
 CLASSES = sorted(p.name for p in (DEMO / "train").iterdir() if p.is_dir())
@@ -55,7 +54,7 @@ def hub_datasets(hub):
     """Push `org/nct-patches` and `org/nct-pool` (two revisions each); returns the first revisions' shas."""
     api = HfApi()
     api.create_repo("org/nct-patches", repo_type="dataset")
-    labelled_v1 = _commit(api, "org/nct-patches", {
+    labeled_v1 = _commit(api, "org/nct-patches", {
         **_split_files("data", "train", _parquet_shards("train", CLASSES, 2)),
         **_split_files("data", "validation", _parquet_shards("validation", CLASSES, 1)),
     })
@@ -67,7 +66,7 @@ def hub_datasets(hub):
     pool = _split_files("v1", "train", _parquet_shards("validation", None, 2))
     pool_v1 = _commit(api, "org/nct-pool", pool)
     _commit(api, "org/nct-pool", {path.replace("v1/", "v2/"): data for path, data in pool.items()}, delete=("v1",))
-    return labelled_v1, pool_v1
+    return labeled_v1, pool_v1
 
 
 def _distill_args(output_dir: Path, *extra) -> list[str]:
@@ -103,17 +102,17 @@ def test_streams_hub_datasets_by_id_in_one_process(hub, hub_datasets, tmp_path):
                *_distill_args(out, "--unlabeled_dataset_revision", pool_v1)]
     result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert _trained_labels(out) == FEW, "the labelled dataset's default revision is main (the 3-class commit)"
+    assert _trained_labels(out) == FEW, "the labeled dataset's default revision is main (the 3-class commit)"
     assert _pool_folders_read(hub) == {"v1"}, "--unlabeled_dataset_revision pins the pool to its first commit"
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_streams_hub_datasets_by_id_in_two_processes(hub, hub_datasets, tmp_path):
-    labelled_v1, _ = hub_datasets
+    labeled_v1, _ = hub_datasets
     out = tmp_path / "out"
-    command = launch_command(REPO / "examples" / "distill.py", *_distill_args(out, "--dataset_revision", labelled_v1))
+    command = launch_command(REPO / "examples" / "distill.py", *_distill_args(out, "--dataset_revision", labeled_v1))
     result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert _trained_labels(out) == CLASSES, "--dataset_revision pins the labelled dataset to its 9-class commit"
+    assert _trained_labels(out) == CLASSES, "--dataset_revision pins the labeled dataset to its 9-class commit"
     assert _pool_folders_read(hub) == {"v2"}, "the pool's default revision is main"

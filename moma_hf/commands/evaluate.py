@@ -37,10 +37,16 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from moma_hf.commands.parsing import parse_args
-from moma_hf.data.collator import UNREADABLE, PatchCollator
-from moma_hf.data.loading import check_local_source, label_names, load_patch_dataset
+from moma_hf.data import (
+    UNREADABLE,
+    PatchCollator,
+    build_eval_transform,
+    check_local_source,
+    label_names,
+    load_patch_dataset,
+    normalization_from_processor,
+)
 from moma_hf.evaluation.metrics import confusion_matrix, prediction_metrics, save_evaluation, score_readable
-from moma_hf.data.transforms import build_eval_transform, normalization_from_processor
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from .collator import PatchCollator
 from .loading import check_local_source, label_names, load_patch_dataset
 from .transforms import build_eval_transform, build_train_transform
-from .unlabeled import load_unlabelled_patches, mix_labelled_and_unlabelled
+from .unlabeled import load_unlabeled_patches, mix_labeled_and_unlabeled
 
 
 @dataclass
 class DataArguments:
-    """Where the labelled patches come from and how they are augmented."""
+    """Where the labeled patches come from and how they are augmented."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. 1aurent/NCT-CRC-HE."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
@@ -30,15 +30,15 @@ class DataArguments:
     stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength (0 turns it off)."})
     max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
     unlabeled_dir: str | None = field(
-        default=None, metadata={"help": "Unlabelled patches to distil on as well: a folder of images (no class "
+        default=None, metadata={"help": "Unlabeled patches to distil on as well: a folder of images (no class "
                                 "folders needed), or parquet/tar files without a label column."}
     )
-    unlabeled_dataset_name: str | None = field(default=None, metadata={"help": "Unlabelled patches from the Hub."})
+    unlabeled_dataset_name: str | None = field(default=None, metadata={"help": "Unlabeled patches from the Hub."})
     unlabeled_dataset_revision: str = field(
         default="main", metadata={"help": "Revision of --unlabeled_dataset_name (a branch, tag or commit sha)."}
     )
     labeled_fraction: float | None = field(
-        default=None, metadata={"help": "Share of labelled examples per batch when unlabelled ones are mixed in; "
+        default=None, metadata={"help": "Share of labeled examples per batch when unlabeled ones are mixed in; "
                                 "default: natural proportions (map-style data only)."}
     )
 
@@ -46,7 +46,7 @@ class DataArguments:
         if not (self.dataset_name or self.train_dir):
             raise ValueError("Give the training data: --dataset_name (Hub id) or --train_dir (local folder/files).")
         if self.unlabeled_dir and self.unlabeled_dataset_name:
-            raise ValueError("Give one unlabelled source: --unlabeled_dir or --unlabeled_dataset_name, not both.")
+            raise ValueError("Give one unlabeled source: --unlabeled_dir or --unlabeled_dataset_name, not both.")
 
     def source(self, split: str) -> tuple[str, str]:
         """`(source, split)` to pass to `load_patch_dataset` for the train or evaluation split."""
@@ -66,13 +66,13 @@ def load_datasets(data_args: DataArguments, streaming: bool, seed: int = 42):
     train = load_patch_dataset(source, split, streaming=streaming, shuffle_buffer_size=data_args.shuffle_buffer_size,
                                seed=seed, **hub, **common)
     names = label_names(train)
-    unlabelled_source = data_args.unlabeled_dir or data_args.unlabeled_dataset_name
-    if unlabelled_source:
-        unlabelled = load_unlabelled_patches(unlabelled_source, names, data_args.train_split, streaming=streaming,
-                                             shuffle_buffer_size=data_args.shuffle_buffer_size, seed=seed,
-                                             image_column=data_args.image_column_name,
-                                             revision=data_args.unlabeled_dataset_revision)
-        train = mix_labelled_and_unlabelled(train, unlabelled, data_args.labeled_fraction, seed)
+    unlabeled_source = data_args.unlabeled_dir or data_args.unlabeled_dataset_name
+    if unlabeled_source:
+        unlabeled = load_unlabeled_patches(unlabeled_source, names, data_args.train_split, streaming=streaming,
+                                           shuffle_buffer_size=data_args.shuffle_buffer_size, seed=seed,
+                                           image_column=data_args.image_column_name,
+                                           revision=data_args.unlabeled_dataset_revision)
+        train = mix_labeled_and_unlabeled(train, unlabeled, data_args.labeled_fraction, seed)
     evaluation = None
     eval_source, eval_split = data_args.source("validation")
     if eval_source and eval_split:

@@ -34,7 +34,7 @@ class TooManyBadImagesError(ValueError):
 
 
 # The label of an evaluation slot whose image could not be decoded: the value the Hugging Face losses and
-# metrics ignore. It differs from -1 (an unlabelled example) so the unreadable ones can be counted.
+# metrics ignore. It differs from -1 (an unlabeled example) so the unreadable ones can be counted.
 UNREADABLE = -100
 # One row of counters for the main process and one for each DataLoader worker (by worker id), so no two
 # processes ever add to the same row.
@@ -94,16 +94,18 @@ class PatchCollator:
             :mod:`moma_hf.data.transforms`).
         student_norm, teacher_norm: ``(mean, std)``, 3 values each. ``teacher_norm=None`` (no teacher, or
             one that shares the student's input) omits ``teacher_pixel_values``.
-        num_labels: when given, a label outside ``range(num_labels)`` raises; -1 marks an unlabelled example.
+        num_labels: when given, a label outside ``range(num_labels)`` raises; -1 marks an unlabeled example.
         max_bad_fraction: the largest tolerated fraction of undecodable images.
         min_samples_for_threshold: the fraction is only checked after this many images, so that one bad
             file among the first few does not stop a run.
         seed: base seed of the augmentation draws (the run's ``--seed``).
         views: when set, an image gets one of ``views`` fixed augmentations: in epoch ``e`` the draws of view
             ``e % views``, seeded from the run seed, the view and the image alone (not its slot), so a
-            teacher-feature cache built with the same collator holds the teacher's output for this very crop.
+            teacher-feature cache built with the same collator holds the teacher's output for this very crop
+            (:meth:`set_views` changes it later).
         feature_cache: a :class:`~moma_hf.data.feature_cache.TeacherFeatureCache` built for ``views``; the batch then
-            carries the cached ``teacher_features`` (and ``teacher_logits``) instead of ``teacher_pixel_values``.
+            carries the cached ``teacher_features`` (and ``teacher_logits``) instead of ``teacher_pixel_values``
+            (:meth:`use_feature_cache` attaches one later).
         skip_bad_images: for evaluation: an unreadable image's slot gets the label ``UNREADABLE`` (-100) instead
             of a copy of a good image's label, so metrics count only real images; a batch may then be all bad.
 
@@ -146,10 +148,9 @@ class PatchCollator:
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_for_threshold = min_samples_for_threshold
         self.seed = seed
-        self.views = views
-        self.feature_cache = feature_cache
-        if feature_cache is not None and feature_cache.views != views:
-            raise ValueError(f"The feature cache holds {feature_cache.views} views; the collator was given {views}.")
+        self.views, self.feature_cache = None, None
+        self.set_views(views)
+        self.use_feature_cache(feature_cache)
         self.skip_bad_images = skip_bad_images
         self.epoch = 0
         # (images seen, images unreadable) per process; shared, so DataLoader workers' counts reach the parent.
@@ -169,6 +170,33 @@ class PatchCollator:
     def set_epoch(self, epoch: int) -> None:
         """Draw other augmentations in each epoch (DataLoader workers copy this when an epoch starts)."""
         self.epoch = int(epoch)
+
+    def set_views(self, views: int | None) -> None:
+        """Augment each image with one of ``views`` fixed views (epoch ``e``: view ``e % views``); None: fresh draws.
+
+        Raises:
+            ValueError: ``views`` is not a positive integer, or differs from the views of the attached feature cache.
+        """
+        if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+            raise ValueError(f"views must be a positive integer (or None), got {views!r}.")
+        if self.feature_cache is not None and self.feature_cache.views != views:
+            raise ValueError(f"The feature cache holds {self.feature_cache.views} views; the collator was given "
+                             f"{views}.")
+        self.views = views
+
+    def use_feature_cache(self, feature_cache) -> None:
+        """Read the teacher's outputs from ``feature_cache`` instead of giving it pixels (None: stop reading them).
+
+        The cache must hold this collator's views (see :meth:`set_views`), so that every cached output belongs to
+        the very crop the student sees. Examples must then carry their ``_row`` (see ``add_row_index``).
+
+        Raises:
+            ValueError: the cache holds another number of views than the collator draws.
+        """
+        if feature_cache is not None and feature_cache.views != self.views:
+            raise ValueError(f"The feature cache holds {feature_cache.views} views; the collator was given "
+                             f"{self.views}.")
+        self.feature_cache = feature_cache
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Collate ``examples`` (dicts with ``image`` and ``label``) into model inputs; see the class docstring."""
@@ -233,9 +261,9 @@ class PatchCollator:
         hint = "Check --label_column_name and that the label set matches the model's labels."
         if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             raise ValueError(f"The label of {name} is {label!r}, not a class id. {hint}")
-        if self.num_labels is not None and not -1 <= int(label) < self.num_labels:  # -1: an unlabelled example
+        if self.num_labels is not None and not -1 <= int(label) < self.num_labels:  # -1: an unlabeled example
             raise ValueError(f"The label {int(label)} of {name} is outside range(0, {self.num_labels}) (or -1 for "
-                             f"an unlabelled example). {hint}")
+                             f"an unlabeled example). {hint}")
         return int(label)
 
     def _record(self, batch_size: int, bad: list[str]) -> None:

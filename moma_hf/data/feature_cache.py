@@ -5,6 +5,9 @@ computed once. `build_feature_cache` runs the teacher over V views of each image
 features (and logits, when it has a classifier) to one Arrow file, which `TeacherFeatureCache` memory-maps.
 Training then runs no teacher forward at all: the collator looks each example's row up.
 
+The teacher comes in as a callable, `teacher_forward(pixel_values (B, 3, H, W)) -> (features (B, d_t), logits
+(B, C_t) or None)`, such as the distillation model's `teacher_outputs`: the data side knows no model.
+
 The student must see exactly the crop the teacher saw. `PatchCollator(views=V)` makes that so: in epoch `e`
 an image is augmented with the draws of view `e % V`, seeded from the run seed, the view and the image alone
 (not its batch or slot), and the cache stores the teacher's output for that same view.
@@ -15,18 +18,27 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
 import torch
 from datasets.arrow_writer import ArrowWriter
 
-from ..networks.backbones import pooled_features
-
 ROW_KEY = "_row"  # the column `add_row_index` adds: each example's position in the training set
 FEATURES_FILE, META_FILE = "teacher_features.arrow", "cache_info.json"
 DEFAULT_DIR = "_teacher-feature-cache"  # inside output_dir; the Trainer never pushes names that start with "_"
+TeacherForward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def dataset_fingerprint(dataset: datasets.Dataset) -> str:
+    """The fingerprint ``datasets`` gives `dataset`: a hash of its data files and of every transform applied.
+
+    ``datasets`` keeps it in the private ``Dataset._fingerprint`` and has no public accessor, so this is the one
+    place that reads it (``tests/test_feature_cache.py`` pins its behaviour: a ``datasets`` upgrade that moves it
+    fails that test, not a run). A cache records it so that one built for other data is never reused.
+    """
+    return dataset._fingerprint
 
 
 def add_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -62,7 +74,8 @@ class TeacherFeatureCache:
         """Raise when the cache was built for another teacher, dataset, view count or augmentation."""
         wrong = {k: (self.info.get(k), v) for k, v in expected.items() if self.info.get(k) != v}
         if wrong:
-            details = "; ".join(f"{k}: cache has {have!r}, this run needs {want!r}" for k, (have, want) in wrong.items())
+            details = "; ".join(f"{k}: cache has {have!r}, this run needs {want!r}"
+                                for k, (have, want) in wrong.items())
             raise ValueError(
                 f"The teacher-feature cache at {self.path} was built for another run ({details}). Delete the folder "
                 "to rebuild it, or point --teacher_feature_cache_dir at a new one."
@@ -70,34 +83,37 @@ class TeacherFeatureCache:
 
 
 @torch.no_grad()
-def build_feature_cache(teacher: torch.nn.Module, dataset: datasets.Dataset, collator, path: str | Path,
+def build_feature_cache(teacher_forward: TeacherForward, dataset: datasets.Dataset, collator, path: str | Path,
                         info: dict[str, Any], batch_size: int = 64, device: str | torch.device = "cpu",
                         progress: bool = True) -> TeacherFeatureCache:
-    """Run `teacher` over `collator.views` views of every example of `dataset`; write and open the cache.
+    """Run `teacher_forward` over `collator.views` views of every example of `dataset`; write and open the cache.
 
     Args:
-        teacher: the frozen teacher (a backbone or a classifier), in eval mode.
+        teacher_forward: `pixel_values (B, 3, H, W) -> (features (B, d_t), logits (B, C_t) or None)` of the
+            frozen teacher, already in eval mode on `device`.
         dataset: the map-style training set, with its `_row` column (see `add_row_index`).
-        collator: a `PatchCollator` with `views` set; its `teacher_pixel_values` (or `pixel_values`) are fed.
+        collator: a `PatchCollator` with views set (`set_views`) and no cache; its `teacher_pixel_values` (or
+            `pixel_values`) are fed.
         path: the cache folder (created; its files are written under a temporary name, then renamed).
         info: facts the cache must match when reused (teacher, seed, image size ...), stored in its metadata.
+        batch_size, device, progress: batches of this many images go to `device`, with a progress bar.
     """
     from tqdm.auto import tqdm
 
+    if not collator.views or collator.feature_cache is not None:
+        raise ValueError("Building a teacher-feature cache needs a collator with fixed views and no cache of its own.")
     started = time.perf_counter()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     partial = path / (FEATURES_FILE + ".partial")
-    teacher = teacher.eval().to(device)
-    writer, total = None, collator.views * len(dataset)
-    bar = tqdm(total=total, desc="Caching teacher features", disable=not progress)
+    writer = None
+    bar = tqdm(total=collator.views * len(dataset), desc="Caching teacher features", disable=not progress)
     for view in range(collator.views):
         collator.set_epoch(view)
         for start in range(0, len(dataset), batch_size):
             examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(examples)
-            pixels = batch.get("teacher_pixel_values", batch["pixel_values"]).to(device)
-            features, logits = pooled_features(teacher, pixels)
+            features, logits = teacher_forward(batch.get("teacher_pixel_values", batch["pixel_values"]).to(device))
             columns = {"features": features.float().cpu().numpy()}
             if logits is not None:
                 columns["logits"] = logits.float().cpu().numpy()
@@ -117,33 +133,40 @@ def build_feature_cache(teacher: torch.nn.Module, dataset: datasets.Dataset, col
     return TeacherFeatureCache(path)
 
 
-def attach_feature_cache(model, train_dataset, collator, args, facts: dict[str, Any]) -> datasets.Dataset:
-    """Build (once, on the main process) or reuse the cache of `args`, and make `collator` read from it.
+def attach_feature_cache(train_dataset: datasets.Dataset, collator, teacher_forward: TeacherForward,
+                         path: str | Path, views: int, facts: dict[str, Any], *, batch_size: int = 64,
+                         device: str | torch.device = "cpu", progress: bool = True) -> datasets.Dataset:
+    """Build the cache at `path` unless it is there, check that it fits this run, and make `collator` read it.
+
+    With several processes, call it under `TrainingArguments.main_process_first()`: the main process builds the
+    cache, the others then open what it built.
 
     Args:
-        model: the distillation model; its teacher must be frozen.
         train_dataset: the map-style training set; returned with its `_row` column.
-        collator: the training `PatchCollator`; it gets `views = args.cache_views` and the cache.
-        args: `DistillationTrainingArguments` (`cache_views`, `teacher_feature_cache_dir`, `seed`, ...).
-        facts: what else the cached crops depend on (image size, augmentation, teacher), checked on reuse.
+        collator: the training `PatchCollator`; it is set to `views` fixed views and reads from the cache.
+        teacher_forward: the frozen teacher, as for `build_feature_cache` (only called when building).
+        path: the cache folder.
+        views: augmented views per image (epoch `e` trains on view `e % views`).
+        facts: what else the cached crops depend on (image size, augmentation, teacher), checked on reuse; the
+            collator's seed, the dataset's fingerprint, its size and `views` are added.
+        batch_size, device, progress: as for `build_feature_cache`.
+
+    Raises:
+        ValueError: a stream (its rows cannot be looked up), or a cache at `path` built for another run.
     """
     if not isinstance(train_dataset, datasets.Dataset):
         raise ValueError("--cache_teacher_features needs a map-style training set (its rows are indexed); drop "
                          "--streaming, or distil without the cache.")
-    if getattr(model, "teacher", None) is None or getattr(model, "teacher_update", "frozen") != "frozen":
-        raise ValueError("--cache_teacher_features needs a frozen teacher: a momentum teacher changes every step, "
-                         "and `ce` has none. Use --teacher_update frozen.")
-    info = {**facts, "seed": args.seed, "dataset_fingerprint": train_dataset._fingerprint,
-            "num_rows": len(train_dataset), "views": args.cache_views}
+    info = {**facts, "seed": collator.seed, "dataset_fingerprint": dataset_fingerprint(train_dataset),
+            "num_rows": len(train_dataset), "views": views}
     train_dataset = add_row_index(train_dataset)
-    collator.views = args.cache_views
-    path = Path(args.teacher_feature_cache_dir or Path(args.output_dir) / DEFAULT_DIR)
-    with args.main_process_first(desc="teacher-feature cache"):
-        if args.process_index == 0 and not (path / META_FILE).exists():
-            build_feature_cache(model.teacher, train_dataset, collator, path, info,
-                                batch_size=args.per_device_train_batch_size, device=args.device,
-                                progress=not args.disable_tqdm)
+    collator.use_feature_cache(None)  # the cache is built from the collator's pixels
+    collator.set_views(views)
+    path = Path(path)
+    if not (path / META_FILE).exists():
+        build_feature_cache(teacher_forward, train_dataset, collator, path, info, batch_size=batch_size,
+                            device=device, progress=progress)
     cache = TeacherFeatureCache(path)
     cache.check_compatible(info)
-    collator.feature_cache = cache
+    collator.use_feature_cache(cache)
     return train_dataset

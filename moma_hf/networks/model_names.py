@@ -20,6 +20,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_session
 
+from ..data.sources import looks_like_local_path  # data sources and models share the Hub's naming
+
 logger = logging.getLogger(__name__)
 # A closed port answers at once; a black-holed network would otherwise hang for the OS's TCP timeout.
 _PROBE_TIMEOUT_S = 10.0
@@ -27,12 +29,6 @@ _PROBE_TIMEOUT_S = 10.0
 
 class ModelLoadError(ValueError):
     """A model name is neither a loadable local folder nor a reachable Hub repo; the message says what to do."""
-
-
-def looks_like_local_path(name: str) -> bool:
-    """True when `name` can only be a path: it starts with '.', '/' or '~', or has more than one '/'
-    (a Hub id is `name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isabs(name)
 
 
 def hub_unreachable_reason() -> str | None:
