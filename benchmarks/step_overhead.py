@@ -47,7 +47,7 @@ PAIRS = {"momentum": "momentum", "frozen_vit": "frozen"}  # our name -> memory.b
 def distillation_trainer(method: str, student, teacher, teacher_id2label, args, output_dir: str):
     """A `DistillationTrainer` around a fresh `method` model (no data: only its step path is used) and its optimiser."""
     from moma_hf import DistillationTrainer, DistillationTrainingArguments
-    from moma_hf.modeling_baselines import distillation_model_class
+    from moma_hf.modeling_auto import distillation_model_class
 
     model = distillation_model_class(method).from_student_and_teacher(
         student, teacher, teacher_id2label, method=method, projection_dim=512, num_attention_heads=4,

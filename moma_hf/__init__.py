@@ -1,22 +1,48 @@
 """moma-hf: MoMA knowledge distillation (momentum contrastive learning with multi-head attention) for
 histopathology models, on transformers, datasets and accelerate."""
 
-from .configuration_distillation import DistillationConfig
+from .configuration_distillation import (
+    BaselineDistillationConfig,
+    DistillationConfig,
+    DistillationSettings,
+    Method,
+    MoMAConfig,
+    TeacherUpdate,
+    config_class_for_method,
+)
 from .data.arguments import DataArguments, build_collators, load_datasets
+from .data.transforms import normalization_from_processor
+from .modeling_auto import build_distillation_model, distillation_model_class
+from .modeling_baselines import BaselineForDistillation, DistillationOutput
+from .modeling_distillation import DistillationPreTrainedModel
 from .modeling_moma import MoMAForDistillation, MoMAOutput
-from .modeling_baselines import BaselineForDistillation
+from .networks.students import build_student
+from .networks.teachers import load_teacher
 from .trainer_distillation import DistillationTrainer
 from .training_args import DistillationTrainingArguments
 
 __all__ = [
+    "BaselineDistillationConfig",
     "BaselineForDistillation",
     "DataArguments",
     "DistillationConfig",
+    "DistillationOutput",
+    "DistillationPreTrainedModel",
+    "DistillationSettings",
     "DistillationTrainer",
     "DistillationTrainingArguments",
+    "Method",
+    "MoMAConfig",
     "MoMAForDistillation",
     "MoMAOutput",
+    "TeacherUpdate",
     "build_collators",
+    "build_distillation_model",
+    "build_student",
+    "config_class_for_method",
+    "distillation_model_class",
     "load_datasets",
+    "load_teacher",
+    "normalization_from_processor",
 ]
 __version__ = "0.1.0"

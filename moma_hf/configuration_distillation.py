@@ -1,57 +1,191 @@
-"""Configuration of a MoMA distillation model (student, key pathway, heads, queue, loss weights)."""
+"""Configurations of the distillation models.
+
+- `Method` and `TeacherUpdate`: the modes, as str enums (JSON-serialisable, equal to their plain strings).
+- `DistillationSettings`: every distillation hyper-parameter, declared once with its default, help and the checks
+  that need nothing else. `DistillationTrainingArguments` inherits it (so each is one flag) and the configs below
+  validate their values through it.
+- `DistillationConfig`: the base of the model configs (settings plus the student's and teacher's own configs)
+  and the reader of checkpoints written before the two classes below existed (model type "moma", any method).
+- `MoMAConfig` ("moma-distillation", moma and moma-noattn) and `BaselineDistillationConfig`
+  ("baseline-distillation", the baselines): one config class, and model type, per model class.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, PretrainedConfig
 
-TEACHER_UPDATES = ("auto", "momentum", "frozen")
-MOMA_METHODS = ("moma", "moma-noattn")
-BASELINE_METHODS = ("ce", "kd", "dkd", "fitnet", "rkd", "crd")
-METHODS = MOMA_METHODS + BASELINE_METHODS
+
+class _StrEnum(str, Enum):
+    """A str enum that prints, formats and serialises as its value (the `enum.StrEnum` of Python 3.11)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Method(_StrEnum):
+    """The distillation methods: MoMA, its no-attention ablation, and the baselines it is compared with."""
+
+    MOMA = "moma"
+    MOMA_NOATTN = "moma-noattn"
+    CE = "ce"  # the student on its labels alone: no teacher
+    KD = "kd"  # Hinton et al. 2015
+    DKD = "dkd"  # Zhao et al. 2022
+    FITNET = "fitnet"  # Romero et al. 2015, on pooled features
+    RKD = "rkd"  # Park et al. 2019
+    CRD = "crd"  # Tian et al. 2020
+
+    @property
+    def is_moma(self) -> bool:
+        """MoMA or its ablation, which `MoMAForDistillation` runs."""
+        return self in (Method.MOMA, Method.MOMA_NOATTN)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Every method but `ce` distils a teacher."""
+        return self is not Method.CE
+
+    @property
+    def has_logit_term(self) -> bool:
+        """Whether logit KD is part of the method (KD for MoMA and kd, DKD for dkd, weighted by `w_kd`), so that
+        `w_kd` defaults to 1 where the labels allow and a model card says why the term is off."""
+        return self.is_moma or self in (Method.KD, Method.DKD)
+
+
+class TeacherUpdate(_StrEnum):
+    """How the teacher side of MoMA changes: an EMA of the student ("momentum"), never ("frozen"), or "auto"
+    (momentum when student and teacher backbones have identical shapes, else frozen)."""
+
+    AUTO = "auto"
+    MOMENTUM = "momentum"
+    FROZEN = "frozen"
+
+
+METHODS = tuple(Method)
+MOMA_METHODS = tuple(m for m in Method if m.is_moma)
+BASELINE_METHODS = tuple(m for m in Method if not m.is_moma)
+TEACHER_UPDATES = tuple(TeacherUpdate)
 # Weights of the feature term of each feature baseline, as tuned in the CRD authors' benchmark (RepDistiller).
-DEFAULT_FEATURE_WEIGHTS = {"fitnet": 100.0, "rkd": 1.0, "crd": 0.8}
+DEFAULT_FEATURE_WEIGHTS = {Method.FITNET: 100.0, Method.RKD: 1.0, Method.CRD: 0.8}
+
+
+def parse_mode(enum_type: type[_StrEnum], name: str, value: Any) -> _StrEnum:
+    """`value` as a member of `enum_type`; a ValueError naming the setting, its flag and the choices otherwise."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} (--{name}) is not one of {', '.join(enum_type)}.") from None
+
+
+@dataclass
+class DistillationSettings:
+    """The distillation hyper-parameters, under the config's names, each declared and validated here only.
+
+    `method` and `teacher_update` take plain strings (flags, YAML, config.json) and hold a `Method` and a
+    `TeacherUpdate` once validated. `w_kd` and `w_feature` stay None until a config resolves them, since their
+    defaults depend on the teacher's labels and on the method.
+    """
+
+    method: str = field(
+        default=Method.MOMA, metadata={"help": f"Distillation method, one of {', '.join(Method)}: MoMA, its "
+                                       "no-attention ablation, or a baseline (ce = no teacher)."}
+    )
+    teacher_update: str = field(
+        default=TeacherUpdate.AUTO, metadata={"help": f"One of {', '.join(TeacherUpdate)}: the key pathway is an EMA "
+                                              "of the student, never changes, or momentum when they are twins."}
+    )
+    projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
+    num_attention_heads: int = field(
+        default=4, metadata={"aliases": ["--attention_heads"], "help": "Heads of the batch-axis attention A_q/A_k; "
+                             "must divide projection_dim."}
+    )
+    queue_size: int = field(default=16384, metadata={"help": "K, the number of queued negative keys."})
+    contrastive_temperature: float = field(
+        default=0.15, metadata={"help": "T of the InfoNCE term (transformers reserves `temperature` for generation)."}
+    )
+    momentum: float = field(default=0.999, metadata={"help": "m of the key-pathway EMA key <- m key + (1 - m) query."})
+    attention_residual: bool = field(
+        default=True, metadata={"help": "Batch attention outputs normalize(x + attention(x)); False gives the "
+                                "reference code's normalize(attention(x)), whose keys collapse at init."}
+    )
+    w_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term."})
+    w_kd: float | None = field(
+        default=None, metadata={"help": "Weight of logit KD (DKD for dkd); default 1 when the teacher has the "
+                                "student's labels (moma, kd, dkd), else 0."}
+    )
+    w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
+    kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
+    w_feature: float | None = field(
+        default=None, metadata={"help": "Weight of the fitnet/rkd/crd term; default 100/1/0.8 (RepDistiller)."}
+    )
+    shuffle_bn: bool = field(
+        default=False, metadata={"help": "Momentum teachers on several processes: BatchNorm on a batch shuffled "
+                                 "across processes (MoCo's Shuffle-BN) instead of running statistics."}
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)  # e.g. TrainingArguments' in DistillationTrainingArguments
+        if parent is not None:
+            parent()
+        self.method = parse_mode(Method, "method", self.method)
+        self.teacher_update = parse_mode(TeacherUpdate, "teacher_update", self.teacher_update)
+        heads = self.num_attention_heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"num_attention_heads={heads} (--attention_heads) must be a positive integer that "
+                             "divides projection_dim: the paper uses 4 heads.")
+        if self.projection_dim <= 0 or self.projection_dim % heads:
+            raise ValueError(f"projection_dim={self.projection_dim} must be a positive multiple of "
+                             f"num_attention_heads={heads}: pick e.g. projection_dim=512, heads=4.")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size={self.queue_size} must be positive: the paper queues 16384 keys.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must lie in [0, 1); the paper uses 0.999.")
+        for name in ("contrastive_temperature", "kd_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        for name in ("w_ce", "w_kd", "w_moma", "w_feature"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0: loss weights cannot be negative.")
+
+    def settings_dict(self) -> dict[str, Any]:
+        """`{name: value}` of the distillation settings alone (not the fields of a subclass such as the training
+        arguments), as the configs take them."""
+        return {f.name: getattr(self, f.name) for f in fields(DistillationSettings)}
+
+
+SETTING_NAMES = tuple(f.name for f in fields(DistillationSettings))
 
 
 class DistillationConfig(PretrainedConfig):
-    """Hyper-parameters of MoMA and the recipes of its two networks.
+    """The base of the distillation model configs: the `DistillationSettings` and the recipes of the two networks.
 
-    The student and teacher are stored as their own config dicts (`student_config`, `teacher_config`), so a
-    saved `MoMAForDistillation` checkpoint rebuilds both networks without any download.
+    Build a `MoMAConfig` or a `BaselineDistillationConfig` (or let `config_class_for_method` pick); this base
+    class takes any method and reads any distillation config.json, including those written before the two
+    classes existed (model type "moma", which every method then carried, sometimes with a `use_attention` that
+    duplicated the method): `DistillationConfig.from_pretrained`/`from_dict`, and so `AutoConfig`, give the
+    class of the checkpoint's method. The student and teacher are stored as their own config dicts, so a saved
+    model rebuilds both networks without any download.
 
     Args:
         student_config: `config.to_dict()` of the student image classifier (transformers or TimmWrapper).
         teacher_config: `config.to_dict()` of the teacher (a base model or an image classifier).
         teacher_name_or_path: where the teacher came from (Hub id or path), recorded for model cards.
         teacher_revision: the pinned teacher revision, recorded for model cards.
-        projection_dim: D, the size of the contrastive embedding.
-        num_attention_heads: heads of the batch-axis attention `A_q` / `A_k`; must divide D.
-        queue_size: K, the number of past keys used as negatives.
-        contrastive_temperature: T of the InfoNCE term (not `temperature`, which transformers reserves for
-            generation).
-        momentum: m of the EMA `key <- m * key + (1 - m) * query`.
-        teacher_update: "momentum", "frozen" or "auto" (momentum when the backbones have identical shapes).
-        use_attention: False gives the `moma-noattn` ablation (heads only, no batch attention).
-        attention_residual: the batch attention outputs `normalize(x + attention(x))` instead of
-            `normalize(attention(x))`; without it all keys collapse to one direction at initialisation (see
-            `BatchAttention`). False reproduces the reference code's default attention.
-        w_ce, w_moma: weights of the cross-entropy and contrastive terms.
-        w_kd: weight of the logit-KD term; None means 1 when the teacher's labels equal the student's, else 0.
-        kd_temperature: T_kd of the logit-KD term.
         teacher_id2label: the teacher's own label names, when it has a classifier head.
         global_batch_size: when known, checked against `queue_size` (the queue must hold one global batch).
-        method: "moma" (also "moma-noattn", set by `use_attention`) or a baseline of `BASELINE_METHODS`, which
-            `BaselineForDistillation` runs: "ce" (no teacher), "kd", "dkd" (the logit term replaces KD, weighted
-            by `w_kd`), "fitnet", "rkd", "crd" (a feature term weighted by `w_feature`).
-        w_feature: weight of a feature baseline's term; None takes `DEFAULT_FEATURE_WEIGHTS`.
-        shuffle_bn: momentum teachers only. With several processes, the teacher's BatchNorm layers use the
-            statistics of a batch shuffled across processes (MoCo's Shuffle-BN) instead of their running
-            statistics; see `moma_hf.modules.distributed.shuffled_forward`.
+        kwargs: the fields of `DistillationSettings` (defaults and checks come from there; `w_kd` None becomes
+            1 when the method has a logit term and the teacher's labels equal the student's, else 0; `w_feature`
+            None becomes `DEFAULT_FEATURE_WEIGHTS`), then those of `PretrainedConfig`.
     """
 
     model_type = "moma"
-    sub_configs = {}
+    methods: tuple[Method, ...] = METHODS  # the methods this config class configures
 
     def __init__(
         self,
@@ -59,58 +193,56 @@ class DistillationConfig(PretrainedConfig):
         teacher_config: dict | None = None,
         teacher_name_or_path: str | None = None,
         teacher_revision: str | None = None,
-        projection_dim: int = 512,
-        num_attention_heads: int = 4,
-        queue_size: int = 16384,
-        contrastive_temperature: float = 0.15,
-        momentum: float = 0.999,
-        teacher_update: str = "auto",
-        use_attention: bool = True,
-        attention_residual: bool = True,
-        w_ce: float = 1.0,
-        w_kd: float | None = None,
-        w_moma: float = 1.0,
-        kd_temperature: float = 4.0,
         teacher_id2label: dict | None = None,
         global_batch_size: int | None = None,
-        shuffle_bn: bool = False,
-        method: str = "moma",
-        w_feature: float | None = None,
         **kwargs: Any,
     ):
+        kwargs.pop("model_type", None)  # an old checkpoint's "moma" must not shadow the class's own type
+        settings = {name: kwargs.pop(name) for name in SETTING_NAMES if name in kwargs}
+        settings["method"] = method_of({**settings, "use_attention": kwargs.pop("use_attention", True)},
+                                       default=self.methods[0])
+        for name, value in DistillationSettings(**settings).settings_dict().items():
+            setattr(self, name, value)
+        refuse_other_method(type(self).__name__, self.methods, self.method)
         self.student_config = _as_dict(student_config)
         self.teacher_config = _as_dict(teacher_config)
         self.teacher_name_or_path = teacher_name_or_path
         self.teacher_revision = teacher_revision
-        self.projection_dim = projection_dim
-        self.num_attention_heads = num_attention_heads
-        self.queue_size = queue_size
-        self.contrastive_temperature = contrastive_temperature
-        self.momentum = momentum
-        self.teacher_update = teacher_update
-        self.use_attention = use_attention
-        self.attention_residual = attention_residual
-        self.w_ce = w_ce
-        self.w_moma = w_moma
-        self.kd_temperature = kd_temperature
         self.teacher_id2label = {int(k): v for k, v in teacher_id2label.items()} if teacher_id2label else None
         self.global_batch_size = global_batch_size
-        self.shuffle_bn = shuffle_bn
-        self.method = "moma-noattn" if method == "moma" and not use_attention else method
-        self.w_feature = DEFAULT_FEATURE_WEIGHTS.get(method, 0.0) if w_feature is None else w_feature
+        if self.w_feature is None:
+            self.w_feature = DEFAULT_FEATURE_WEIGHTS.get(self.method, 0.0)
         super().__init__(**kwargs)
         if self.student_config is not None and "id2label" not in kwargs:
             self.id2label = dict(self.build_student_config().id2label)
             self.label2id = {v: k for k, v in self.id2label.items()}
-        self.w_kd = self._default_w_kd() if w_kd is None else w_kd
-        self.validate_moma()
+        if self.w_kd is None:
+            # MoMA adds KD exactly when it can (same labels); KD and DKD are nothing without it (so a teacher of
+            # other labels is refused below); the other baselines are compared pure, as in their papers.
+            logit_kd = self.same_label_space if self.method.is_moma else self.method.has_logit_term
+            self.w_kd = 1.0 if logit_kd else 0.0
+        self.check_context()
 
-    def _default_w_kd(self) -> float:
-        # MoMA adds KD exactly when it can (same labels); KD and DKD are nothing without it; the other
-        # baselines are compared pure, as in their papers.
-        if self.method in MOMA_METHODS:
-            return 1.0 if self.same_label_space else 0.0
-        return 1.0 if self.method in ("kd", "dkd") else 0.0
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "DistillationConfig":
+        """transformers' `from_dict`; called on this base class, it builds the class of the dict's method."""
+        if cls is DistillationConfig:
+            cls = config_class_for_method(method_of(config_dict))
+        return super(DistillationConfig, cls).from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' `get_config_dict`; a config.json of before the split (model type "moma") gets the model
+        type of its method, so that loading it through its method's own class is no type mismatch."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == DistillationConfig.model_type:
+            config_dict = {**config_dict, "model_type": config_class_for_method(method_of(config_dict)).model_type}
+        return config_dict, kwargs
+
+    @property
+    def use_attention(self) -> bool:
+        """Whether MoMA's batch attention is on: False for the `moma-noattn` ablation (derived from `method`)."""
+        return self.method is not Method.MOMA_NOATTN
 
     @property
     def same_label_space(self) -> bool:
@@ -119,31 +251,14 @@ class DistillationConfig(PretrainedConfig):
             return False
         return _names(self.teacher_id2label) == _names(self.id2label)
 
-    def validate_moma(self) -> None:
-        """Reject settings that cannot work, with the reason and the fix."""
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
-        if not isinstance(self.num_attention_heads, int) or self.num_attention_heads < 1:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} (--attention_heads) must be a positive "
-                             "integer that divides projection_dim: the paper uses 4 heads.")
-        if self.projection_dim <= 0 or self.projection_dim % self.num_attention_heads:
-            raise ValueError(
-                f"projection_dim={self.projection_dim} must be a positive multiple of "
-                f"num_attention_heads={self.num_attention_heads}: pick e.g. projection_dim=512, heads=4."
-            )
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in [0, 1); the paper uses 0.999.")
-        if self.contrastive_temperature <= 0 or self.kd_temperature <= 0:
-            raise ValueError("contrastive_temperature and kd_temperature must be positive.")
-        if self.teacher_update not in TEACHER_UPDATES:
-            raise ValueError(f"teacher_update={self.teacher_update!r} must be one of {TEACHER_UPDATES}.")
+    def check_context(self) -> None:
+        """The rules that need more than the settings (`DistillationSettings` checks the rest): the queue holds
+        a global batch, and logit KD needs the student's label space."""
         if self.global_batch_size is not None and self.queue_size < self.global_batch_size:
             raise ValueError(
                 f"queue_size={self.queue_size} is smaller than the global batch ({self.global_batch_size} = "
                 "per-device batch x processes x accumulation): raise queue_size or lower the batch."
             )
-        if min(self.w_ce, self.w_kd, self.w_moma, self.w_feature) < 0:
-            raise ValueError("Loss weights w_ce, w_kd, w_moma and w_feature must be >= 0.")
         if self.w_kd > 0 and not self.same_label_space:
             raise ValueError(
                 f"w_kd={self.w_kd} needs a teacher whose labels equal the student's, but the teacher has "
@@ -160,12 +275,12 @@ class DistillationConfig(PretrainedConfig):
         when the teacher's label space is not the student's (the usual reason it goes off unasked).
         """
         off = {"loss_ce": "w_ce=0"} if self.w_ce == 0 else {}
-        if self.method in MOMA_METHODS or self.method in ("kd", "dkd"):
+        if self.method.has_logit_term:
             if not self.same_label_space:
                 off["loss_kd"] = self._label_space_mismatch()
             elif self.w_kd == 0:
                 off["loss_kd"] = "w_kd=0"
-        if self.method in MOMA_METHODS and self.w_moma == 0:
+        if self.method.is_moma and self.w_moma == 0:
             off["loss_moma"] = "w_moma=0"
         if self.method in DEFAULT_FEATURE_WEIGHTS and self.w_feature == 0:
             off[f"loss_{self.method}"] = "w_feature=0"
@@ -191,6 +306,52 @@ class DistillationConfig(PretrainedConfig):
         return _config_from_dict(self.teacher_config)
 
 
+class MoMAConfig(DistillationConfig):
+    """The config of `MoMAForDistillation`: methods `moma` and `moma-noattn` (see `DistillationConfig`)."""
+
+    model_type = "moma-distillation"
+    methods = MOMA_METHODS
+
+    def __init__(self, **kwargs: Any):  # transformers would give a subclass without its own __init__ a generated one
+        super().__init__(**kwargs)
+
+
+class BaselineDistillationConfig(DistillationConfig):
+    """The config of `BaselineForDistillation`: the baselines `ce` (the default), `kd`, `dkd`, `fitnet`, `rkd`
+    and `crd` (see `DistillationConfig`)."""
+
+    model_type = "baseline-distillation"
+    methods = BASELINE_METHODS
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+
+
+def config_class_for_method(method: str) -> type[DistillationConfig]:
+    """The config class of `method`: `MoMAConfig` or `BaselineDistillationConfig`."""
+    method = parse_mode(Method, "method", method)
+    return MoMAConfig if method.is_moma else BaselineDistillationConfig
+
+
+def refuse_other_method(owner: str, methods: tuple[Method, ...], method: Method) -> None:
+    """Raise a ValueError when `owner` (a config or model class name) is not for `method`, naming the classes that
+    are: the config class and the model class registered for it with `AutoModel` (by `moma_hf.modeling_auto`)."""
+    if method in methods:
+        return
+    right_config = config_class_for_method(method)
+    right_model = MODEL_MAPPING[right_config].__name__ if right_config in MODEL_MAPPING else "its model class"
+    raise ValueError(f"{owner} is for {', '.join(methods)}, not method '{method}': use {right_model} (config "
+                     f"{right_config.__name__}); build_distillation_model and AutoModel pick the class from the "
+                     "method.")
+
+
+def method_of(values: dict[str, Any], default: str = Method.MOMA) -> str:
+    """The method a dict of config values stands for; before the redesign, `use_attention: false` with method
+    "moma" meant "moma-noattn"."""
+    method = values.get("method", default)
+    return Method.MOMA_NOATTN if method == Method.MOMA and values.get("use_attention") is False else method
+
+
 def _as_dict(config: PretrainedConfig | dict | None) -> dict | None:
     return config.to_dict() if isinstance(config, PretrainedConfig) else config
 
@@ -208,4 +369,6 @@ def _config_from_dict(config_dict: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[config_dict["model_type"]].from_dict(dict(config_dict))
 
 
-AutoConfig.register("moma", DistillationConfig)
+AutoConfig.register(DistillationConfig.model_type, DistillationConfig)  # reads the checkpoints of before the split
+AutoConfig.register(MoMAConfig.model_type, MoMAConfig)
+AutoConfig.register(BaselineDistillationConfig.model_type, BaselineDistillationConfig)

@@ -16,14 +16,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .networks.backbones import feature_dim, pooled_features
-from .losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
-from .configuration_distillation import BASELINE_METHODS, DistillationConfig
-from .modules.key_queue import KeyQueue
-from .losses import kd_loss, labelled_cross_entropy
+from .configuration_distillation import BaselineDistillationConfig, Method, TeacherUpdate
+from .losses import crd_loss, dkd_loss, fitnet_loss, kd_loss, labelled_cross_entropy, rkd_loss
 from .modeling_distillation import DistillationPreTrainedModel
+from .modules.key_queue import KeyQueue
+from .networks.backbones import feature_dim, pooled_features
 
-_FEATURE_TERMS = {"fitnet": "loss_fitnet", "rkd": "loss_rkd", "crd": "loss_crd"}
+_FEATURE_TERMS = {Method.FITNET: "loss_fitnet", Method.RKD: "loss_rkd", Method.CRD: "loss_crd"}
 
 
 @dataclass
@@ -54,33 +53,39 @@ class BaselineForDistillation(DistillationPreTrainedModel):
     """A student trained with CE plus one baseline distillation term from a frozen teacher.
 
     Args:
-        config: a `DistillationConfig` whose `method` is one of `BASELINE_METHODS`. Used fields: `w_ce`; `w_kd` and
+        config: a `BaselineDistillationConfig` (method `ce`, `kd`, `dkd`, `fitnet`, `rkd` or `crd`; another
+            method is refused, naming `MoMAForDistillation`). Used fields: `w_ce`; `w_kd` and
             `kd_temperature` (the `kd` term, or the `dkd` term that replaces it); `w_feature` (fitnet, rkd,
             crd); `projection_dim`, `queue_size`, `contrastive_temperature` (crd's embedding, memory, T).
         student: a built image classifier; built from `config.student_config` when None.
         teacher: a built teacher; None for `ce`, else built from `config.teacher_config` when None.
     """
 
-    def __init__(self, config: DistillationConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
+    config_class = BaselineDistillationConfig
+
+    def __init__(
+        self, config: BaselineDistillationConfig, student: PreTrainedModel | None = None,
+        teacher: nn.Module | None = None,
+    ):
         super().__init__(config)
-        if config.method not in BASELINE_METHODS:
-            raise ValueError(f"BaselineForDistillation runs {BASELINE_METHODS}; use MoMAForDistillation for "
-                             f"{config.method!r}.")
-        self._attach_networks(student, teacher, with_teacher=config.method != "ce")
-        self.teacher_update = "no" if self.teacher is None else "frozen"  # for the model card
+        config = self.config
+        self._attach_networks(student, teacher, with_teacher=config.method.uses_teacher)
+        # for the model card: the teacher never changes ("no" teacher for ce)
+        self.teacher_update = TeacherUpdate.FROZEN if self.teacher is not None else "no"
         method, terms = config.method, ["loss_ce"]
-        if config.w_kd > 0 and method != "ce":
-            terms.append("loss_dkd" if method == "dkd" else "loss_kd")
+        if config.w_kd > 0 and method.uses_teacher:  # any baseline with a teacher may add logit KD
+            terms.append("loss_dkd" if method is Method.DKD else "loss_kd")
         if method in _FEATURE_TERMS:
             terms.append(_FEATURE_TERMS[method])
             student_dim, teacher_dim = feature_dim(self.student), feature_dim(self.teacher)
-        if method == "fitnet":
+        if method is Method.FITNET:
             self.feature_projection = nn.Linear(student_dim, teacher_dim)
-        if method == "crd":
+        if method is Method.CRD:
             dim = config.projection_dim
             self.student_embedding = nn.Linear(student_dim, dim)
             self.teacher_embedding = nn.Linear(teacher_dim, dim)
-            self.student_memory, self.teacher_memory = KeyQueue(config.queue_size, dim), KeyQueue(config.queue_size, dim)
+            self.student_memory = KeyQueue(config.queue_size, dim)
+            self.teacher_memory = KeyQueue(config.queue_size, dim)
         self.loss_terms = tuple(terms)
         self.post_init()
 
@@ -136,9 +141,9 @@ class BaselineForDistillation(DistillationPreTrainedModel):
     def _feature_term(self, features, teacher_features) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fitnet / rkd / crd term from pooled features `(B, d_s)` and `(B, d_t)`, and crd's keys `(B, 2D)`."""
         method = self.config.method
-        if method == "fitnet":
+        if method is Method.FITNET:
             return fitnet_loss(self.feature_projection(features), teacher_features), None
-        if method == "rkd":
+        if method is Method.RKD:
             return rkd_loss(features, teacher_features), None
         student = F.normalize(self.student_embedding(features), dim=-1)
         teacher = F.normalize(self.teacher_embedding(teacher_features), dim=-1)
@@ -149,14 +154,8 @@ class BaselineForDistillation(DistillationPreTrainedModel):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """crd: store the gathered `(N, 2D)` student and teacher embeddings in their memories."""
-        if self.config.method == "crd":
+        if self.config.method is Method.CRD:
             student, teacher = keys.chunk(2, dim=1)
             self.student_memory.enqueue(student)
             self.teacher_memory.enqueue(teacher)
 
-
-def distillation_model_class(method: str) -> type[DistillationPreTrainedModel]:
-    """The model class that runs `method`: `MoMAForDistillation` or `BaselineForDistillation`."""
-    from .modeling_moma import MoMAForDistillation
-
-    return BaselineForDistillation if method in BASELINE_METHODS else MoMAForDistillation

@@ -10,16 +10,18 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
 
-from .networks.backbones import pooled_features
-from .configuration_distillation import DistillationConfig
+from .configuration_distillation import DistillationConfig, Method, parse_mode, refuse_other_method
 from .modules.key_queue import KeyQueue
+from .networks.backbones import pooled_features
 
 
 class DistillationPreTrainedModel(PreTrainedModel):
     """Base of the distillation models: construction from built networks, and a teacher kept in eval mode.
 
-    Subclasses set `loss_terms` (the names of the unweighted terms their output carries, logged by the
-    trainer) and implement `forward`, `momentum_update()` and `enqueue(keys)` (no-ops where not needed).
+    Subclasses set `config_class` (whose `methods` are the methods they run), `loss_terms` (the names of the
+    unweighted terms their output carries, logged by the trainer) and implement `forward`, `momentum_update()`
+    and `enqueue(keys)` (no-ops where not needed). A config of another method is refused, naming the class that
+    runs it; a base `DistillationConfig` of the right method becomes the class's own config type.
     """
 
     config_class = DistillationConfig
@@ -31,15 +33,28 @@ class DistillationPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     loss_terms: tuple[str, ...] = ()
 
+    def __init__(self, config: DistillationConfig, *inputs, **kwargs):
+        self.check_method(config.method)
+        if not isinstance(config, self.config_class):  # a base DistillationConfig: save it under our own type
+            config = self.config_class.from_dict(config.to_dict())
+        super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def check_method(cls, method: str) -> None:
+        """Raise a ValueError naming the model and config classes of `method` when this class does not run it."""
+        refuse_other_method(cls.__name__, cls.config_class.methods, parse_mode(Method, "method", method))
+
     @classmethod
     def from_student_and_teacher(
         cls, student: PreTrainedModel, teacher: PreTrainedModel | None, teacher_id2label: dict | None = None,
-        **config_kwargs,
+        **settings,
     ) -> "DistillationPreTrainedModel":
-        """Wrap built networks; `config_kwargs` are `DistillationConfig` fields (see `DistillationTrainingArguments`)."""
-        config = DistillationConfig(
+        """Wrap built networks; `settings` are the config's (`DistillationSettings` fields, `global_batch_size`,
+        the teacher's origin: see `DistillationTrainingArguments.distillation_config_kwargs`)."""
+        cls.check_method(settings.get("method", cls.config_class.methods[0]))
+        config = cls.config_class(
             student_config=student.config, teacher_config=teacher.config if teacher is not None else None,
-            teacher_id2label=teacher_id2label, **config_kwargs,
+            teacher_id2label=teacher_id2label, **settings,
         )
         return cls(config, student=student, teacher=teacher)
 

@@ -6,23 +6,22 @@ Everything trainable sits in this one module so that Accelerate/DDP all-reduces 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .networks.backbones import backbone_tensors, feature_dim, pooled_features
-from .configuration_distillation import DistillationConfig
+from .configuration_distillation import MoMAConfig, TeacherUpdate
+from .losses import info_nce, kd_loss, labelled_cross_entropy
+from .modeling_distillation import DistillationPreTrainedModel
 from .modules.distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .modules.heads import BatchAttention, FixedProjection, ProjectionHead
 from .modules.key_queue import KeyQueue
-from .modeling_distillation import DistillationPreTrainedModel
-from .losses import info_nce, kd_loss, labelled_cross_entropy
+from .networks.backbones import backbone_tensors, feature_dim, pooled_features
 
 
 @dataclass
@@ -60,20 +59,22 @@ class MoMAForDistillation(DistillationPreTrainedModel):
     they never change (`g_T` is then a `FixedProjection` fitted to the first micro-batch, gathered from every process).
     """
 
+    config_class = MoMAConfig
     loss_terms = ("loss_ce", "loss_kd", "loss_moma")
 
-    def __init__(self, config: DistillationConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
+    def __init__(self, config: MoMAConfig, student: PreTrainedModel | None = None, teacher: nn.Module | None = None):
         super().__init__(config)
+        config = self.config
         self._attach_networks(student, teacher)
         self.teacher_update = resolve_teacher_update(config.teacher_update, self.student, self.teacher)
-        if config.shuffle_bn and self.teacher_update != "momentum":
+        if config.shuffle_bn and self.teacher_update is not TeacherUpdate.MOMENTUM:
             raise ValueError(
                 "shuffle_bn applies to momentum teachers only: a frozen teacher keeps its BatchNorm running "
                 "statistics, so no batch statistics can leak. Drop --shuffle_bn or use a momentum teacher."
             )
         dim = config.projection_dim
         self.query_head = ProjectionHead(feature_dim(self.student), dim)
-        if self.teacher_update == "momentum":
+        if self.teacher_update is TeacherUpdate.MOMENTUM:
             self.key_head = ProjectionHead(feature_dim(self.teacher), dim)
             self.key_head.load_state_dict(self.query_head.state_dict())
         else:
@@ -110,7 +111,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         if self.training:
             # Teacher first: its no-grad activations are freed before the student's forward, instead of
             # sitting on top of the student's saved activations (benchmarks/memory.py).
-            if teacher_features is not None and self.teacher_update != "frozen":
+            if teacher_features is not None and self.teacher_update is not TeacherUpdate.FROZEN:
                 raise ValueError("Cached teacher features need a frozen teacher: a momentum teacher changes every "
                                  "step. Use --teacher_update frozen or drop --cache_teacher_features.")
             keys, teacher_logits = self._keys(pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
@@ -171,7 +172,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         if getattr(self, "_ema_pairs", None) is None:
             key_modules, query_modules = [self.key_attention], [self.query_attention]
             keys, queries = [], []
-            if self.teacher_update == "momentum":
+            if self.teacher_update is TeacherUpdate.MOMENTUM:
                 key_modules.append(self.key_head)
                 query_modules.append(self.query_head)
                 for buffers in (False, True):
@@ -199,22 +200,20 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         self.key_queue.enqueue(keys)
 
 
-def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) -> str:
+def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) -> TeacherUpdate:
     """Resolve "auto" to "momentum" when backbones and pooled features have identical shapes, else "frozen".
 
     Raises a ValueError when "momentum" is asked for two backbones that cannot track each other.
     """
+    mode = TeacherUpdate(mode)
     same = [tuple(t.shape) for t in backbone_tensors(student)] == [tuple(t.shape) for t in backbone_tensors(teacher)]
     same = same and feature_dim(student) == feature_dim(teacher)
-    if mode == "auto":
-        return "momentum" if same else "frozen"
-    if mode == "momentum" and not same:
+    if mode is TeacherUpdate.AUTO:
+        return TeacherUpdate.MOMENTUM if same else TeacherUpdate.FROZEN
+    if mode is TeacherUpdate.MOMENTUM and not same:
         raise ValueError(
             "teacher_update='momentum' needs a student with the teacher's architecture (the teacher becomes an EMA "
             "of the student), but their backbone parameters differ. Use student 'same-as-teacher', or "
             "teacher_update='frozen' for a cross-architecture teacher."
         )
     return mode
-
-
-AutoModel.register(DistillationConfig, MoMAForDistillation)

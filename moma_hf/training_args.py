@@ -8,14 +8,20 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .configuration_distillation import METHODS, TEACHER_UPDATES
+from .configuration_distillation import DistillationSettings
 from .training.run_folder import OutputDirArguments
 from .training.token_safety import TokenSafeArgumentsMixin
 
 
 @dataclass(repr=False)  # keep the redacting repr of TokenSafeArgumentsMixin
-class DistillationTrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, OutputDirArguments):
-    """`TrainingArguments` plus the teacher, the student and MoMA's hyper-parameters (DESIGN.md section 1).
+class DistillationTrainingArguments(
+    TokenSafeArgumentsMixin, DistillationSettings, TrainingArguments, OutputDirArguments
+):
+    """`TrainingArguments` plus the teacher, the student and the distillation settings (DESIGN.md section 1).
+
+    The distillation hyper-parameters (`--method`, `--num_attention_heads`, also spelt `--attention_heads`,
+    `--queue_size`, ...) are the fields of `DistillationSettings`, declared and validated there once;
+    `distillation_config_kwargs()` hands them to the model's config.
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator reads the raw
     image column), `hub_strategy="end"` (only the final student is pushed, never a MoMA checkpoint) and
@@ -34,34 +40,6 @@ class DistillationTrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, 
         default="resnet18",
         metadata={"help": "Student: Hub id or path of an image classifier, a timm architecture name built from "
                   "scratch (e.g. resnet18), or 'same-as-teacher'."},
-    )
-    method: str = field(
-        default="moma", metadata={"help": f"Distillation method, one of {METHODS}: MoMA, its no-attention ablation, "
-                                  "or a baseline (ce = no teacher)."}
-    )
-    teacher_update: str = field(default="auto", metadata={"help": f"One of {TEACHER_UPDATES}."})
-    projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
-    attention_heads: int = field(default=4, metadata={"help": "Heads of the batch-axis attention."})
-    queue_size: int = field(default=16384, metadata={"help": "K, the number of queued negative keys."})
-    contrastive_temperature: float = field(default=0.15, metadata={"help": "T of the InfoNCE term."})
-    momentum: float = field(default=0.999, metadata={"help": "m of the key-pathway EMA."})
-    w_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term."})
-    w_kd: float | None = field(
-        default=None, metadata={"help": "Weight of logit KD; default 1 when the teacher has the student's labels, "
-                                "else 0."}
-    )
-    attention_residual: bool = field(
-        default=True, metadata={"help": "Batch attention outputs normalize(x + attention(x)); False gives the "
-                                "reference code's normalize(attention(x)), whose keys collapse at init."}
-    )
-    w_moma: float = field(default=1.0, metadata={"help": "Weight of the MoMA contrastive term."})
-    kd_temperature: float = field(default=4.0, metadata={"help": "T_kd of the logit-KD term."})
-    w_feature: float | None = field(
-        default=None, metadata={"help": "Weight of the fitnet/rkd/crd term; default 100/1/0.8 (RepDistiller)."}
-    )
-    shuffle_bn: bool = field(
-        default=False, metadata={"help": "Momentum teachers on several processes: BatchNorm on a batch shuffled "
-                                 "across processes (MoCo's Shuffle-BN) instead of running statistics."}
     )
     cache_teacher_features: bool = field(
         default=False, metadata={"help": "Frozen teachers: compute the teacher's outputs for --cache_views views of "
@@ -83,11 +61,7 @@ class DistillationTrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, 
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not one of {METHODS}.")
-        if self.teacher_update not in TEACHER_UPDATES:
-            raise ValueError(f"--teacher_update {self.teacher_update!r} is not one of {TEACHER_UPDATES}.")
+        super().__post_init__()  # TrainingArguments', then DistillationSettings' checks
         if str(getattr(self.hub_strategy, "value", self.hub_strategy)) != "end":
             raise ValueError(
                 "--hub_strategy must be 'end': checkpoints hold the whole MoMA state (teacher, queue), not the "
@@ -109,24 +83,11 @@ class DistillationTrainingArguments(TokenSafeArgumentsMixin, TrainingArguments, 
         """Keys enqueued per optimiser step: per-device batch x processes x accumulation steps."""
         return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
 
-    def moma_config_kwargs(self) -> dict[str, Any]:
-        """The `DistillationConfig` fields these arguments set."""
+    def distillation_config_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the model's config (`config_class_for_method(args.method)`): the settings,
+        the global batch (checked against the queue) and the teacher's origin (for the model card)."""
         return dict(
-            projection_dim=self.projection_dim,
-            num_attention_heads=self.attention_heads,
-            queue_size=self.queue_size,
-            contrastive_temperature=self.contrastive_temperature,
-            momentum=self.momentum,
-            teacher_update=self.teacher_update,
-            use_attention=self.method != "moma-noattn",
-            attention_residual=self.attention_residual,
-            w_ce=self.w_ce,
-            w_kd=self.w_kd,
-            w_moma=self.w_moma,
-            kd_temperature=self.kd_temperature,
-            method=self.method,
-            w_feature=self.w_feature,
-            shuffle_bn=self.shuffle_bn,
+            self.settings_dict(),
             global_batch_size=self.global_batch_size,
             teacher_name_or_path=self.teacher_model_name_or_path,
             teacher_revision=self.teacher_model_revision,

@@ -183,10 +183,10 @@ def main():
         train_sampling_strategy="sequential", disable_tqdm=True,
         ddp_broadcast_buffers=None if args.broadcast_buffers == "default" else False,
         method=args.method, teacher_update=args.teacher_update, queue_size=args.queue_size, projection_dim=32,
-        attention_heads=4, momentum=0.9,
+        num_attention_heads=4, momentum=0.9,
     )
     model = MoMAForDistillation.from_student_and_teacher(
-        student, teacher, dict(teacher.config.id2label), **training_args.moma_config_kwargs()
+        student, teacher, dict(teacher.config.id2label), **training_args.distillation_config_kwargs()
     )
     forward_kwargs: set[str] = set()
     model.register_forward_pre_hook(lambda _m, _a, kwargs: forward_kwargs.update(kwargs), with_kwargs=True)

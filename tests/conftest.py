@@ -103,7 +103,7 @@ def tiny_vit(names=NCT_CLASSES, classifier=True):
 def small_moma():
     """Factory: the distillation model of `method` (default MoMA) with small D and K around student and teacher."""
     from moma_hf.networks.backbones import classifier_head
-    from moma_hf.modeling_baselines import distillation_model_class
+    from moma_hf.modeling_auto import distillation_model_class
 
     def build(student=None, teacher=None, **config):
         student = student or timm_classifier()
@@ -143,7 +143,7 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher=
     set_seed(args.seed)  # as examples/distill.py does: the same seed builds the same models
     student, processor = build_student("test_resnet", dict(enumerate(names)), image_size=64)
     teacher = copy.deepcopy(student) if teacher == "same" else tiny_vit(names=names)
-    model = small_moma(student, teacher, **args.moma_config_kwargs())
+    model = small_moma(student, teacher, **args.distillation_config_kwargs())
     data_args = DataArguments(train_dir=str(nct_mini_dir), randaugment="", stain_jitter=0.0)
     train_collator, eval_collator = build_collators(data_args, 64, len(names), (IMAGENET_MEAN, IMAGENET_STD),
                                                     ([0.5] * 3, [0.5] * 3))

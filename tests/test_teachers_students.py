@@ -1,25 +1,22 @@
-"""Pooled features across transformers families, the three kinds of student, and YAML-configured scripts."""
+"""Pooled features across transformers families and the three kinds of student."""
 
 import pytest
 import torch
+from conftest import NCT_CLASSES, id2label
 from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
     ConvNextConfig,
     Dinov2Config,
     EfficientNetConfig,
     ResNetConfig,
     SwinConfig,
     ViTConfig,
-    AutoModel,
-    AutoModelForImageClassification,
 )
 
-from conftest import NCT_CLASSES, id2label
 from moma_hf.networks.backbones import backbone_tensors, feature_dim, pooled_features
-from moma_hf.commands.parsing import parse_args
-from moma_hf.data.arguments import DataArguments
 from moma_hf.networks.students import build_student
 from moma_hf.networks.teachers import load_teacher
-from moma_hf.training_args import DistillationTrainingArguments
 
 TINY_CONFIGS = {
     "vit": ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=64),
@@ -64,14 +61,3 @@ def test_same_as_teacher_student_starts_from_the_teachers_backbone(tmp_path):
         assert torch.equal(s, t)
     with pytest.raises(ValueError, match="needs a teacher"):
         build_student("same-as-teacher", id2label())
-
-
-def test_yaml_config_gives_defaults_and_flags_override(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("train_dir: examples/demo_data\nqueue_size: 128\nlearning_rate: 0.01\noutput_dir: out\n"
-                      "report_to: none\nteacher_model_init_kwargs: {init_values: 0.00001}\n")
-    data, args = parse_args((DataArguments, DistillationTrainingArguments), ["--config", str(config), "--queue_size", "256"])
-    assert data.train_dir == "examples/demo_data" and args.learning_rate == 0.01 and args.queue_size == 256
-    assert args.teacher_model_init_kwargs == {"init_values": 1e-5}
-    with pytest.raises(ValueError, match="--train_dir"):
-        DataArguments()

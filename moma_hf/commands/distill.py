@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from moma_hf import DistillationTrainer, DistillationTrainingArguments
+from moma_hf import DistillationTrainer, DistillationTrainingArguments, Method, build_distillation_model
 from moma_hf.networks.backbones import input_size
-from moma_hf.commands.parsing import parse_args
+from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
 from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
@@ -25,7 +25,6 @@ from moma_hf.data.feature_cache import attach_feature_cache
 from moma_hf.hub import check_push_access, push_student
 from moma_hf.training.launcher import notify_launcher
 from moma_hf.evaluation.model_card import MoMAModelCardData
-from moma_hf.modeling_baselines import distillation_model_class
 from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
 from moma_hf.networks.students import SAME_AS_TEACHER, build_student
 from moma_hf.networks.teachers import load_teacher
@@ -46,7 +45,7 @@ class CardArguments:
 
 def needs_teacher(args: DistillationTrainingArguments) -> bool:
     """Every method but `ce` distils a teacher; a `same-as-teacher` student is built from one in any case."""
-    return args.method != "ce" or args.student_model_name_or_path == SAME_AS_TEACHER
+    return args.method.uses_teacher or args.student_model_name_or_path == SAME_AS_TEACHER
 
 
 def load_run_teacher(args: DistillationTrainingArguments):
@@ -69,11 +68,9 @@ def build_model(args: DistillationTrainingArguments, teacher, labels: list[str],
     student, processor = build_student(args.student_model_name_or_path, dict(enumerate(labels)), teacher=teacher,
                                        image_size=image_size, token=args.hub_token,
                                        trust_remote_code=args.trust_remote_code)
-    distils = args.method != "ce"  # a `ce` run loads a teacher only as a same-as-teacher student's weights
-    model = distillation_model_class(args.method).from_student_and_teacher(
-        student, teacher.model if distils else None, teacher.id2label if distils else None,
-        **args.moma_config_kwargs()
-    )
+    distils = args.method.uses_teacher  # a `ce` run loads a teacher only as a same-as-teacher student's weights
+    model = build_distillation_model(student, teacher.model if distils else None,
+                                     teacher.id2label if distils else None, **args.distillation_config_kwargs())
     if args.process_index == 0:
         for term, reason in model.config.switched_off_terms().items():
             logger.warning(f"{term} is off for this run: {reason}.")
@@ -106,8 +103,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     """
     data_args, card_args, args = parse_args((DataArguments, CardArguments, DistillationTrainingArguments), argv,
                                             default_config)
-    if data_args.streaming and args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
+    check_streaming_has_max_steps(data_args, args)
     if needs_teacher(args) and not args.teacher_model_name_or_path:
         raise ValueError(f"--method {args.method} needs a teacher: give --teacher_model_name_or_path (Hub id or local "
                          "folder), or use --method ce to train the student on its labels alone.")
@@ -151,8 +147,8 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
     trainer.create_model_card()
     if args.push_to_hub:
-        message = (f"Student distilled from {args.teacher_model_name_or_path} ({args.method})" if args.method != "ce"
-                   else "Student trained on its labels alone (ce)")
+        message = (f"Student distilled from {args.teacher_model_name_or_path} ({args.method})"
+                   if args.method.uses_teacher else f"Student trained on its labels alone ({Method.CE})")
         push_student(trainer, message)
     return 0
 

@@ -13,7 +13,6 @@ from transformers import HfArgumentParser
 
 from ..training.token_safety import warn_if_token_in_arguments
 
-
 DATA_FLAGS = ("--dataset_name", "--train_dir")
 
 
@@ -46,7 +45,21 @@ def _pop_config_flag(argv: list[str]) -> tuple[Path, list[str]]:
 
 
 def _field_names(dataclass_types: tuple) -> set[str]:
-    return {f.name for t in dataclass_types for f in fields(t) if f.init}
+    """The flag names of the dataclasses' fields without '--', their aliases (`attention_heads`) included."""
+    names = set()
+    for t in dataclass_types:
+        for f in fields(t):
+            if f.init:
+                aliases = f.metadata.get("aliases", [])
+                names |= {f.name, *(a.lstrip("-") for a in ([aliases] if isinstance(aliases, str) else aliases))}
+    return names
+
+
+def check_streaming_has_max_steps(data_args, training_args) -> None:
+    """`--streaming` needs `--max_steps`: a stream has no length to derive the number of steps from. Every job
+    that takes `DataArguments` and `TrainingArguments` calls this right after parsing."""
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
 
 
 def _yaml_to_flags(path: Path, known: set[str]) -> list[str]:

@@ -3,7 +3,7 @@ distillation.
 
     moma-train-teacher --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \
         --output_dir nct-teacher --num_train_epochs 5
-    python examples/train_teacher.py --config examples/configs/demo_teacher.yaml --overwrite_output_dir  # the demo teacher
+    python examples/train_teacher.py --config examples/configs/demo_teacher.yaml --overwrite_output_dir  # demo teacher
 
 The model is a Hub id or local path (fine-tuned with a new head for the dataset's labels), a timm architecture
 name built from scratch, or a transformers `--model_type` built from scratch with `--config_overrides`.
@@ -18,15 +18,15 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
-from moma_hf.training.bad_image_limit import BadImageLimitCallback
-from moma_hf.commands.parsing import parse_args
+from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
+from moma_hf.data.transforms import normalization_from_processor
 from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.hub import check_push_access, push_student
-from moma_hf.training.run_folder import OutputDirArguments, prepare_output_dir
 from moma_hf.networks.students import build_student
+from moma_hf.training.bad_image_limit import BadImageLimitCallback
+from moma_hf.training.run_folder import OutputDirArguments, prepare_output_dir
 from moma_hf.training.token_safety import TokenSafeArgumentsMixin
-from moma_hf.data.transforms import normalization_from_processor
 
 
 @dataclass
@@ -73,8 +73,7 @@ def _default_processor(model_type: str, image_size: int):
 def main(argv: list[str] | None = None) -> int:
     """The `moma-train-teacher` command: train, evaluate and export the teacher; returns the exit code."""
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, TeacherTrainingArguments), argv)
-    if data_args.streaming and args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to derive the number of steps from.")
+    check_streaming_has_max_steps(data_args, args)
     args.remove_unused_columns = False  # the collator reads the raw image column
     prepare_output_dir(args, args.overwrite_output_dir)  # never mix this run with an earlier one's files
     check_push_access(args)  # a teacher that could not be pushed fails now, not after training
