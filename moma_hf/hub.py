@@ -11,13 +11,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .training.fault_tolerance import STAGING_DIR
-
 # What never leaves the machine. `Trainer.push_to_hub` (transformers 5) ignores "_*" and "checkpoint-*": the
-# checkpoints hold the teacher's weights and the optimiser, "_*" the teacher-feature cache. Added here: the
-# staging and ".replaced-*" folders a crash can leave mid-checkpoint (fault_tolerance.py), and the Trainer's
-# pickled arguments (pickles are unsafe to load; exports carry training_args.json instead).
-PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", f"{STAGING_DIR}*", ".replaced-*", "training_args.bin")
+# checkpoints (complete or cut short by a crash) hold the teacher's weights and the optimiser, "_*" the
+# teacher-feature cache. Added here: the Trainer's pickled arguments (pickles are unsafe to load; exports carry
+# training_args.json instead).
+PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", "training_args.bin")
 
 
 class HubPushError(RuntimeError):

@@ -1,55 +1,47 @@
 """DistillationTrainer: every distillation method on the standard transformers training loop.
 
 The Trainer does the loop, the optimiser, mixed precision, checkpoints and logging. DistillationTrainer adds only
-what MoMA needs: the loss from the model output, the momentum update and the gathered enqueue after each
-optimiser step, per-term logging, and the export of the student alone.
+what distillation needs: the loss from the model output, the momentum update and the gathered enqueue after each
+optimiser step, per-term logging, evaluation with its own collator, and the export of the student alone.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import datasets
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from torch.utils.data import DataLoader
+from transformers import Trainer
 
-from .training.bad_image_limit import BadImageLimitCallback
-from .configuration_distillation import METHODS, TEACHER_UPDATES
 from .data.streaming import EndlessStream
 from .networks.students import save_student
-from .training.fault_tolerance import STAGING_DIR, ResumeLearningRate, StepGuard, publish_checkpoint
-from .training.run_folder import OutputDirArguments
-from .training.token_safety import TokenSafeArgumentsMixin
-
-
-
-class _MoMAStepCallback(TrainerCallback):
-    """After every optimiser step: EMA of the key pathway, then enqueue the step's gathered keys. Before every
-    epoch: tell the collator the epoch, which seeds its augmentation (see `PatchCollator`)."""
-
-    def __init__(self, trainer: "DistillationTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.finish_optimizer_step()
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if hasattr(self.trainer.data_collator, "set_epoch"):
-            self.trainer.data_collator.set_epoch(int(state.epoch or 0))
+from .training.bad_image_limit import BadImageLimitCallback
+from .training.callbacks import DataWaitCallback, DistillationStepCallback
+from .training.fault_tolerance import (ResumeLearningRate, StaleCheckpointCallback, StepGuard, check_resumable,
+                                       is_checkpoint_folder, remove_incomplete_checkpoints)
 
 
 class DistillationTrainer(Trainer):
-    """A `Trainer` for `MoMAForDistillation`.
+    """A `Trainer` for every `DistillationPreTrainedModel` (MoMA and the baselines).
 
-    It overrides only `compute_loss` (collect keys and loss terms), `log` (add the terms and the queue fill),
-    `_save` (export the student alone outside `checkpoint-*`), `_save_checkpoint` (write atomically),
-    `create_model_card` (a MoMA card), `_get_dataloader` (evaluation may use its own `eval_data_collator`) and
-    `get_batch_samples` (timed: `log` adds `data_wait_fraction`, the share of wall time spent waiting for data).
+    It works through the Trainer's public hooks: callbacks (`DistillationStepCallback`: momentum update and
+    enqueue after each optimiser step; `DataWaitCallback`: `data_wait_fraction`, the share of wall time spent
+    waiting for data; `StepGuard`, `StaleCheckpointCallback`, `ResumeLearningRate`, `BadImageLimitCallback`) and
+    these overrides, each checked against the parent's signature by a test:
+
+    - `__init__`: adds `eval_data_collator` and `model_card_data`; wraps a streamed training set in
+      `EndlessStream` (exact resume of streams, no short batches); refuses persistent workers for map-style data.
+    - `compute_loss`: the model's loss; in training, also stashes the gathered keys and the unweighted terms.
+    - `log`: adds the mean of each loss term, `labeled_fraction`, `queue_fill` and `data_wait_fraction`.
+    - `get_eval_dataloader`, `get_test_dataloader`: evaluation uses `eval_data_collator` (no augmentation, no
+      teacher input) and never drops the last batch, while training drops short batches.
+    - `train`: removes incomplete `checkpoint-*` folders first (and when training raises), so resume picks the
+      last complete one, and refuses to resume from an incomplete one (see `fault_tolerance.is_complete_checkpoint`).
+    - `create_model_card`: the distillation card (facts from the run) instead of the Trainer's generic one.
+    - `_save`, the one private override (the usual one, with no public hook): a checkpoint folder receives the
+      full distillation state, any other folder the student alone (`fault_tolerance.is_checkpoint_folder`).
+
     Keys are gathered with `accelerator.gather`, so every process enqueues the same global batch in rank order.
     A NaN/Inf loss term raises `NonFiniteLossError` before the weights change, and a NaN/Inf parameter or buffer
     raises `NonFiniteStateError` before it is saved or exported; SIGTERM saves a checkpoint and stops, after
@@ -57,8 +49,11 @@ class DistillationTrainer(Trainer):
     `fault_tolerance.py`).
     """
 
-    def __init__(self, *args, eval_data_collator=None, model_card_data=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *, eval_data_collator=None, model_card_data=None, **kwargs):
+        if isinstance(train_dataset, datasets.IterableDataset):
+            train_dataset = EndlessStream(train_dataset)  # exact resume of streams, and no short batches
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
         if self.args.dataloader_persistent_workers and isinstance(self.train_dataset, datasets.Dataset):
             raise ValueError(
                 "--dataloader_persistent_workers keeps each worker's copy of the collator from the first epoch, so "
@@ -67,21 +62,22 @@ class DistillationTrainer(Trainer):
             )
         # Evaluation needs other transforms than training (no augmentation, no teacher input).
         self.eval_data_collator = eval_data_collator
-        self.model_card_data = model_card_data  # a model_card.MoMAModelCardData: facts only the caller knows
+        self.model_card_data = model_card_data  # a model_card.DistillationModelCardData: facts only the caller knows
         self._pending_keys: list[torch.Tensor] = []
         self._term_sums: torch.Tensor | None = None
         self._term_steps = 0
-        self._staging_root: str | None = None
-        self._data_wait = 0.0  # seconds spent waiting for batches since the last log
-        self._window_start: float | None = None
-        self.add_callback(_MoMAStepCallback(self))
+        self._eval_loaders: dict[str, DataLoader] = {}  # kept only with persistent workers, as the Trainer does
+        self.add_callback(DistillationStepCallback(self))
         if hasattr(self.data_collator, "num_bad"):  # the unreadable-image limit holds for runs of any length
             self.add_callback(BadImageLimitCallback(self.data_collator))
-        # The model's unweighted loss terms, then the share of labelled examples (-1 marks unlabelled ones).
-        self.loss_terms = (*self.distillation_model.loss_terms, "labelled_fraction")
+        # The model's unweighted loss terms, then the share of labeled examples (-1 marks unlabeled ones).
+        self.loss_terms = (*self.distillation_model.loss_terms, "labeled_fraction")
         self.step_guard = StepGuard(self.accelerator, ("loss", *self.loss_terms))
         self.add_callback(self.step_guard)
+        self.add_callback(StaleCheckpointCallback())  # after StepGuard, which may still cancel the save
         self.add_callback(ResumeLearningRate())
+        self.data_wait = DataWaitCallback()  # last, so the other callbacks' work is not counted as waiting
+        self.add_callback(self.data_wait)
 
     @property
     def stopped_by_signal(self) -> bool:
@@ -100,35 +96,47 @@ class DistillationTrainer(Trainer):
             if outputs.contrastive_keys is not None:
                 self._pending_keys.append(self.accelerator.gather(outputs.contrastive_keys))
             labels = inputs.get("labels")
-            labelled = (labels >= 0).float().mean() if labels is not None else outputs.loss.new_ones(())
-            terms = torch.stack([outputs[name].detach().float() for name in self.loss_terms[:-1]] + [labelled.float()])
+            labeled = (labels >= 0).float().mean() if labels is not None else outputs.loss.new_ones(())
+            terms = torch.stack([outputs[name].detach().float() for name in self.loss_terms[:-1]] + [labeled.float()])
             self.step_guard.record(torch.cat([outputs.loss.detach().float().reshape(1), terms]))
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
-        if is_training:
-            if isinstance(dataset, datasets.IterableDataset):
-                dataset = EndlessStream(dataset)  # exact resume of streams, and no short batches
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
-        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # evaluate every sample
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        finally:
-            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The evaluation DataLoader of `eval_dataset` (a dataset, a key of a dict `self.eval_dataset`, or None for
+        `self.eval_dataset`), built with `eval_data_collator` and keeping every example."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        return self.evaluation_dataloader(self.eval_dataset if eval_dataset is None else eval_dataset, key)
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Fetch the next step's batches, timing the wait: `log` reports it as `data_wait_fraction`."""
-        start = time.perf_counter()
-        if self._window_start is None:
-            self._window_start = start
-        try:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        finally:
-            self._data_wait += time.perf_counter() - start
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """The DataLoader of `test_dataset`, built as for evaluation (`eval_data_collator`, every example)."""
+        return self.evaluation_dataloader(test_dataset)
+
+    def evaluation_dataloader(self, dataset, key: str | None = None) -> DataLoader:
+        """A DataLoader over `dataset` in order, batched by `eval_batch_size` with `eval_data_collator` (or the
+        training collator when there is none), with the last, short batch kept, prepared for this process.
+
+        With persistent workers, the loader of `key` is built once and reused, as the Trainer does, so that each
+        evaluation does not start a new set of workers.
+        """
+        if key is not None and key in self._eval_loaders:
+            return self._eval_loaders[key]
+        args = self.args
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=args.eval_batch_size, collate_fn=self.eval_data_collator or self.data_collator,
+            drop_last=False,  # every example is scored (training drops short batches: dataloader_drop_last)
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context, in_order=args.dataloader_in_order,
+        ))
+        if key is not None and args.dataloader_persistent_workers:
+            self._eval_loaders[key] = loader
+        return loader
 
     def finish_optimizer_step(self) -> None:
         """Momentum update, then enqueue the keys of every micro-batch of the step that just ended."""
@@ -139,7 +147,8 @@ class DistillationTrainer(Trainer):
             self._pending_keys.clear()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss term since the last log, across processes, and the queue fill level."""
+        """Add to a training log the mean of each loss term since the last log across processes (`labeled_fraction`
+        included), the queue fill level (`queue_fill`) and this process's `data_wait_fraction`."""
         if "loss" in logs and self._term_steps:
             means = self.accelerator.reduce(self._term_sums / self._term_steps, reduction="mean")
             logs.update({name: round(value, 4) for name, value in zip(self.loss_terms, means.tolist())})
@@ -147,18 +156,40 @@ class DistillationTrainer(Trainer):
             if fill is not None:
                 logs["queue_fill"] = round(fill, 4)
             self._term_sums, self._term_steps = None, 0
-        if "loss" in logs and self._window_start is not None:
-            # Host time blocked on the DataLoader over wall time since the last log (this process's view): near
-            # 0 when the workers keep up, near 1 when data is the bottleneck.
-            now = time.perf_counter()
-            logs["data_wait_fraction"] = round(self._data_wait / max(now - self._window_start, 1e-9), 4)
-            self._data_wait, self._window_start = 0.0, now
+        fraction = self.data_wait.pop_fraction() if "loss" in logs else None
+        if fraction is not None:
+            logs["data_wait_fraction"] = round(fraction, 4)  # this process's share of time waiting for batches
         super().log(logs, start_time)
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, which first removes incomplete `checkpoint-*` folders (and again if training raises).
+
+        An incomplete checkpoint (see `fault_tolerance.is_complete_checkpoint`) is a save cut short; the Trainer
+        would take it for the newest and restart from step 0. After the removal, `resume_from_checkpoint=True`
+        picks the last complete checkpoint through transformers' `get_last_checkpoint`. An explicit path to an
+        incomplete checkpoint raises `IncompleteCheckpointError`, naming the last complete one.
+        """
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resumable(resume_from_checkpoint)
+        if self.args.should_save:
+            remove_incomplete_checkpoints(self.args.output_dir)
+        self.accelerator.wait_for_everyone()  # no process looks for the last checkpoint before the removal
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        except BaseException:
+            # No barrier here: the other processes may be stuck elsewhere, or gone.
+            if self.args.should_save:
+                remove_incomplete_checkpoints(self.args.output_dir)
+            raise
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """`checkpoint-*` keeps the full MoMA state; any other folder receives the student alone."""
+        """A checkpoint folder keeps the full distillation state; any other folder receives the student alone.
+
+        The rule is `fault_tolerance.is_checkpoint_folder`. `_save` is the only private override: the Trainer
+        has no public hook for what `save_model` writes (its `save_model` also handles FSDP and DeepSpeed).
+        """
         output_dir = output_dir or self.args.output_dir
-        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+        if is_checkpoint_folder(output_dir):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
@@ -170,37 +201,13 @@ class DistillationTrainer(Trainer):
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
 
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is being written, the Trainer writes it into the staging folder.
-        return self._staging_root or super()._get_output_dir(trial)
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Write the distillation model card (not the Trainer's generic one) into `output_dir`.
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-N` into a staging folder, then rename it into place once every process is done."""
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        if self.args.should_save:
-            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # left by a crash mid-save
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        best = self.state.best_model_checkpoint
-        if best and best.startswith(staging_root):
-            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staging_root, name, "trainer_state.json"))
-        self.accelerator.wait_for_everyone()  # every process's RNG file is in before the folder goes live
-        if self.args.should_save:
-            publish_checkpoint(os.path.join(staging_root, name), os.path.join(run_dir, name))
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """Write the MoMA model card (not the Trainer's generic one) into `output_dir`."""
+        The card is built from the run's facts and `model_card_data`; the parent's arguments (which
+        `Trainer.push_to_hub` passes) are accepted and ignored.
+        """
         if not self.is_world_process_zero():
             return
         from .evaluation.model_card import write_model_card

@@ -1,5 +1,6 @@
-"""Faults lose nothing: NaN losses, SIGTERM, a crash mid-save and a failed upload each leave a usable run."""
+"""Faults lose nothing: NaN losses, SIGTERM, a crash or kill mid-save and a failed upload each leave a usable run."""
 
+import logging
 import os
 import re
 import shlex
@@ -15,8 +16,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from conftest import make_trainer
-from moma_hf.training.fault_tolerance import (STAGING_DIR, NonFiniteLossError, NonFiniteStateError, last_healthy_checkpoint,
-                                     non_finite_tensors, publish_checkpoint)
+from moma_hf.training.fault_tolerance import (IncompleteCheckpointError, NonFiniteLossError, NonFiniteStateError,
+                                              is_checkpoint_folder, is_complete_checkpoint, last_complete_checkpoint,
+                                              last_healthy_checkpoint, non_finite_tensors,
+                                              remove_incomplete_checkpoints)
 from moma_hf.hub import HubPushError, push_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,9 +88,18 @@ def test_the_state_check_covers_parameters_buffers_and_the_key_queue(small_moma)
     assert set(non_finite_tensors(model)) == {"key_queue.queue", f"query_head.{name}"}
 
 
+def _complete_checkpoint(folder: Path, files=("model.safetensors", "trainer_state.json")) -> Path:
+    """A stand-in `checkpoint-N` folder holding `files` (only their names matter to the completeness rule)."""
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_text("{}")
+    return folder
+
+
 def test_the_last_healthy_checkpoint_predates_the_blow_up_of_the_logged_loss(tmp_path):
     for step in (2, 4, 6):
-        (tmp_path / f"checkpoint-{step}").mkdir()
+        _complete_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-8").mkdir()  # a save cut short is never the advice
     steady = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 7)]
     assert last_healthy_checkpoint(str(tmp_path), steady, 1) == str(tmp_path / "checkpoint-6")
     blown_up = steady[:4] + [{"step": 5, "loss": 1e9}, {"step": 6, "loss": float("nan")}]
@@ -130,37 +142,111 @@ def test_a_diverged_run_saves_no_non_finite_state_and_the_command_it_prints_reco
 
 @pytest.mark.slow
 def test_a_crash_mid_save_leaves_no_checkpoint_that_resume_would_pick(small_moma, nct_mini_dir, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, caplog):
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=10, save_steps=5)
     save_rng_state = trainer._save_rng_state
 
     def disk_full_at_step_10(output_dir):
         if trainer.state.global_step == 10:  # the model weights are already written by now
+            assert (Path(output_dir) / "model.safetensors").exists() and not is_complete_checkpoint(output_dir)
             raise OSError(28, "No space left on device")
         save_rng_state(output_dir)
 
     monkeypatch.setattr(trainer, "_save_rng_state", disk_full_at_step_10)
-    with pytest.raises(OSError, match="No space left"):
+    with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="No space left"):
         trainer.train()
-    assert (tmp_path / STAGING_DIR / "checkpoint-10" / "model.safetensors").exists()  # half-written, hidden
+    assert "checkpoint-10" in caplog.text and "cannot be resumed" in caplog.text  # the half-written one, named
     assert not (tmp_path / "checkpoint-10").exists()
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5")
 
     resumed = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=10, save_steps=5)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 10
-    assert (tmp_path / "checkpoint-10" / "trainer_state.json").exists() and not (tmp_path / STAGING_DIR).exists()
+    assert (tmp_path / "checkpoint-10" / "trainer_state.json").exists()
 
 
-def test_publishing_replaces_an_older_checkpoint_of_the_same_step(tmp_path):
-    old, staged = tmp_path / "checkpoint-5", tmp_path / STAGING_DIR / "checkpoint-5"
-    old.mkdir()
-    (old / "model.safetensors").write_text("old run")
-    staged.mkdir(parents=True)
-    (staged / "model.safetensors").write_text("new run")
-    publish_checkpoint(str(staged), str(old))
-    assert (old / "model.safetensors").read_text() == "new run"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+def _kill_mid_save(folder: Path) -> None:
+    """What a SIGKILL during the save of step 10 leaves: checkpoint-10 with its weights and nothing after them."""
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes((folder / "checkpoint-5" / "model.safetensors")
+                                                                 .read_bytes())
+
+
+@pytest.mark.slow
+def test_after_a_kill_mid_save_resume_continues_from_the_last_complete_checkpoint(small_moma, nct_mini_dir, tmp_path,
+                                                                                   caplog):
+    make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=5, save_steps=5).train()
+    _kill_mid_save(tmp_path)
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # what the Trainer alone would pick
+    resumed = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=10, save_steps=5)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)
+    assert str(tmp_path / "checkpoint-10") in caplog.text and "cannot be resumed" in caplog.text
+    # It resumed at step 5 (not from scratch at step 0): five more steps were logged.
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [6, 7, 8, 9, 10]
+    assert is_complete_checkpoint(tmp_path / "checkpoint-10")
+
+
+def test_resuming_from_an_incomplete_checkpoint_is_refused_naming_the_last_complete_one(small_moma, nct_mini_dir,
+                                                                                         tmp_path):
+    _complete_checkpoint(tmp_path / "checkpoint-5")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_text("cut short")
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=10, save_steps=5)
+    with pytest.raises(IncompleteCheckpointError, match=r"(?s)checkpoint-10: it is an incomplete checkpoint \(no "
+                                                        r"trainer_state\.json.*last complete checkpoint beside it is "
+                                                        rf"{re.escape(str(tmp_path / 'checkpoint-5'))}"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert (tmp_path / "checkpoint-10" / "model.safetensors").exists()  # refused before anything was removed
+
+
+def test_a_checkpoint_is_complete_once_its_trainer_state_is_written(tmp_path, caplog):
+    complete = _complete_checkpoint(tmp_path / "checkpoint-5")
+    cut_short = _complete_checkpoint(tmp_path / "checkpoint-10", ("model.safetensors", "optimizer.pt"))
+    empty = tmp_path / "checkpoint-15"
+    empty.mkdir()
+    _complete_checkpoint(tmp_path / "runs" / "checkpoint-20")  # not a checkpoint of this folder
+    assert is_complete_checkpoint(complete) and not is_complete_checkpoint(cut_short)
+    assert not is_complete_checkpoint(empty)
+    assert last_complete_checkpoint(tmp_path) == str(complete)
+    with caplog.at_level(logging.WARNING):
+        assert remove_incomplete_checkpoints(tmp_path) == [str(cut_short), str(empty)]
+    assert str(cut_short) in caplog.text and str(empty) in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "runs"]
+    assert get_last_checkpoint(str(tmp_path)) == str(complete)  # transformers' own pick is now the complete one
+
+
+def test_only_checkpoint_folders_receive_the_full_state(small_moma, nct_mini_dir, tmp_path):
+    # The rule, by name: transformers' `checkpoint-<step>` folders, wherever they lie.
+    assert is_checkpoint_folder("out/checkpoint-30") and is_checkpoint_folder(tmp_path / "run-1" / "checkpoint-5")
+    assert not any(map(is_checkpoint_folder, ["out", "out/checkpoint", "out/checkpoint-best", "out/checkpoints-2",
+                                              "checkpoint-5/student"]))
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=1)
+    for name in ("checkpoint-1", "checkpoint-best"):
+        trainer.save_model(str(tmp_path / name))
+    full, student = (load_file(tmp_path / name / "model.safetensors") for name in ("checkpoint-1", "checkpoint-best"))
+    assert any(key.startswith("teacher.") for key in full) and "key_queue.queue" in full
+    assert not any("teacher" in key or "queue" in key for key in student)
+    assert (tmp_path / "checkpoint-best" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_that_rewrites_a_checkpoint_makes_the_old_one_incomplete_first(small_moma, nct_mini_dir,
+                                                                                        tmp_path, monkeypatch):
+    make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=4, save_steps=2).train()
+    # Resume from checkpoint-2 (as after a blow-up): the run writes checkpoint-4 again, over the old one.
+    resumed = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=4, save_steps=2)
+    save_model = resumed.save_model
+    seen = []
+
+    def save_model_and_look(output_dir=None, _internal_call=False):
+        seen.append((Path(output_dir).name, is_complete_checkpoint(output_dir)))  # while the weights change
+        save_model(output_dir, _internal_call)
+
+    monkeypatch.setattr(resumed, "save_model", save_model_and_look)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert seen == [("checkpoint-4", False)]
+    assert is_complete_checkpoint(tmp_path / "checkpoint-4")
 
 
 class _SigtermAt(TrainerCallback):

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from conftest import REPO, launch_command, launch_env
+from moma_hf.training.fault_tolerance import is_complete_checkpoint
 
 PREEMPTED = 143
 TINY_RUN = ["--student_model_name_or_path", "test_resnet", "--image_size", "112", "--per_device_train_batch_size",
@@ -65,7 +66,7 @@ def assert_one_complete_checkpoint(out: Path, ranks: int, output: str):
     names = {p.name for p in checkpoint.iterdir()}
     rng_files = {"rng_state.pth"} if ranks == 1 else {f"rng_state_{rank}.pth" for rank in range(ranks)}
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} | rng_files <= names, names
-    assert not (out / ".checkpoint-staging").exists()
+    assert is_complete_checkpoint(checkpoint)  # its trainer_state.json, written last, is in
     assert not (out / "model.safetensors").exists()  # an unfinished student is never exported as final
     assert f"--resume_from_checkpoint {checkpoint}" in output
 

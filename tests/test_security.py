@@ -37,7 +37,7 @@ TEACHER = [DEMO / "train_teacher.py", "--model_type", "vit", "--config_overrides
            "--train_dir", DEMO / "demo_data", "--validation_dir", DEMO / "demo_data", "--image_size", "64",
            "--per_device_train_batch_size", "16", "--max_steps", "2", "--save_steps", "1", "--report_to",
            "tensorboard", "--use_cpu", "--seed", "0"]
-FORBIDDEN_ON_HUB = ("checkpoint-", "_teacher-feature-cache", ".checkpoint-staging", "training_args.bin")
+FORBIDDEN_ON_HUB = ("checkpoint-", "_teacher-feature-cache", "training_args.bin")
 
 
 def run_script(args, hub_env: dict, timeout=600):
@@ -84,10 +84,10 @@ def test_distill_run_resume_and_push_leave_the_token_nowhere_and_the_retry_uploa
         assert first.returncode == 0, first.stderr[-4000:]
         pushed = repo_files(hub, "user/pushed")
 
-        # A crash mid-checkpoint can leave a staging folder; the resumed run must push none of it.
-        staged = out / ".checkpoint-staging" / "checkpoint-99"
-        staged.mkdir(parents=True)
-        (staged / "model.safetensors").write_bytes((out / "checkpoint-1" / "model.safetensors").read_bytes())
+        # A kill mid-checkpoint can leave an incomplete checkpoint; the resumed run must push none of it.
+        cut_short = out / "checkpoint-99"
+        cut_short.mkdir()
+        (cut_short / "model.safetensors").write_bytes((out / "checkpoint-1" / "model.safetensors").read_bytes())
         hub.commit_error = (403, "Storage quota exceeded")
         resumed = run_script([*DISTILL, "--output_dir", out, "--max_steps", "3", "--report_to", "none",
                               "--cache_teacher_features", "--cache_views", "1", "--hub_token", TOKEN,
@@ -95,6 +95,7 @@ def test_distill_run_resume_and_push_leave_the_token_nowhere_and_the_retry_uploa
                               "--hub_model_id", "user/retried"], env)
         assert resumed.returncode != 0 and "HubPushError" in resumed.stderr, resumed.stderr[-4000:]
         assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+        assert not cut_short.exists()  # removed before training: it could never be resumed
         hub.commit_error = None
         command = next(line.strip() for line in resumed.stderr.splitlines() if line.strip().startswith("hf upload"))
         retry = subprocess.run(shlex.split(command), env={**os.environ, **env, "HF_TOKEN": TOKEN},

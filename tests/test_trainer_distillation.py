@@ -1,14 +1,18 @@
-"""DistillationTrainer on real patches: the loss falls, checkpoints keep the MoMA state, the export is a plain student."""
+"""DistillationTrainer on real patches: the loss falls, checkpoints keep the MoMA state, the export is a plain student;
+it uses the Trainer's public hooks, and its few overrides keep the parent's signatures."""
 
+import inspect
 import json
 
 import pytest
 
 import torch
+import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, Trainer, TrainerControl, TrainerState
 
 from conftest import make_trainer
+from moma_hf import DistillationTrainer
 
 
 def test_a_30_step_run_lowers_the_loss_logs_every_term_and_exports_the_student(small_moma, nct_mini_dir, tmp_path):
@@ -16,7 +20,9 @@ def test_a_30_step_run_lowers_the_loss_logs_every_term_and_exports_the_student(s
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 30
-    assert all({"loss_ce", "loss_kd", "loss_moma", "queue_fill", "data_wait_fraction"} <= h.keys() for h in logs)
+    assert all({"loss_ce", "loss_kd", "loss_moma", "queue_fill", "data_wait_fraction", "labeled_fraction"} <= h.keys()
+               for h in logs)
+    assert all(h["labeled_fraction"] == 1.0 for h in logs)  # every nct-crc-mini patch has its label
     assert all(0 <= h["data_wait_fraction"] <= 1 for h in logs)
     assert logs[0]["queue_fill"] == 0.5 and logs[-1]["queue_fill"] == 1.0  # 16 keys a step into 32 slots
     # From step 3 on the queue is full, so the contrastive term has its final number of negatives.
@@ -46,20 +52,104 @@ def test_data_wait_fraction_is_the_time_spent_fetching_batches(small_moma, nct_m
     import time
 
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path)
-
-    def slow_batches():
-        while True:
-            time.sleep(0.3)  # a DataLoader that keeps the step waiting
-            yield {}
-
-    batches = slow_batches()
+    timer, args, state, control = trainer.data_wait, trainer.args, TrainerState(), TrainerControl()
+    # The events in the order the Trainer's loop sends them; the batches are fetched just before on_step_begin.
+    timer.on_train_begin(args, state, control)
+    timer.on_epoch_begin(args, state, control)
     for _ in range(2):
-        trainer.get_batch_samples(batches, 1, "cpu")
+        time.sleep(0.3)  # a DataLoader that keeps the step waiting
+        timer.on_step_begin(args, state, control)
         time.sleep(0.1)  # the step's compute
+        timer.on_step_end(args, state, control)
     logs = {"loss": 1.0}
     trainer.log(logs)
-    # 0.6 s waiting in a window of 0.8 s, from the first fetch to the log
+    # 0.6 s waiting in a window of 0.8 s, from the start of training to the log
     assert 0.6 <= logs["data_wait_fraction"] <= 0.85, logs
+    time.sleep(0.2)  # logging, evaluating and saving are the loop's own work, not waiting
+    timer.on_log(args, state, control)
+    timer.on_save(args, state, control)
+    timer.on_step_begin(args, state, control)
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert logs["data_wait_fraction"] < 0.1, logs
+
+
+def test_a_slow_data_loader_shows_in_the_data_wait_fraction_of_a_real_run(small_moma, nct_mini_dir, tmp_path):
+    import time
+
+    from transformers import TrainerCallback
+
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=4, save_strategy="no")
+    collate, slept = trainer.data_collator, []
+
+    def slow_collate(examples):
+        slept.append(0.3)
+        time.sleep(0.3)  # every batch keeps the loop waiting this long (num_workers=0: in this process)
+        return collate(examples)
+
+    class LogTimes(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                self.times.append(time.perf_counter())
+
+    trainer.data_collator = slow_collate
+    log_times = LogTimes()
+    trainer.add_callback(log_times)
+    trainer.train()
+    fractions = [h["data_wait_fraction"] for h in trainer.state.log_history if "loss" in h]
+    windows = [end - start for start, end in zip(log_times.times, log_times.times[1:])]
+    assert len(fractions) == len(windows) == 4 and len(slept) >= 4  # accelerate reads one batch ahead
+    for fraction, window in zip(fractions, windows):  # one step, so at least one 0.3 s fetch, in each log's window
+        assert 0.9 * 0.3 <= fraction * window <= window, (fractions, windows)
+
+
+def test_evaluation_uses_its_own_collator_and_keeps_every_example(small_moma, nct_mini_dir, tmp_path):
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, per_device_eval_batch_size=50)
+    train_collator, dataset = trainer.data_collator, trainer.train_dataset
+    assert len(dataset) == 129 and trainer.args.dataloader_drop_last  # training drops short batches
+    trainer.eval_dataset = {"nct": dataset}
+    for loader in (trainer.get_eval_dataloader("nct"), trainer.get_eval_dataloader(dataset),
+                   trainer.get_test_dataloader(dataset)):
+        assert loader.collate_fn is trainer.eval_data_collator
+        batches = list(loader)
+        assert [len(b["labels"]) for b in batches] == [50, 50, 29]  # the short last batch is kept
+        assert "teacher_pixel_values" not in batches[0]  # no teacher input: the student alone is evaluated
+    # Nothing was swapped on the trainer to build them.
+    assert trainer.data_collator is train_collator and trainer.args.dataloader_drop_last
+    assert trainer.evaluate()["eval_nct_samples_per_second"] > 0  # the Trainer's evaluation runs on it
+
+
+def _comparable(signature: inspect.Signature) -> list[tuple]:
+    """Name, kind and default of each parameter (annotations differ only in spelling)."""
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+def test_overridden_trainer_methods_match_the_parent_signature():
+    overridden = sorted(name for name, member in vars(DistillationTrainer).items()
+                        if callable(member) and hasattr(Trainer, name))
+    assert overridden == ["__init__", "_save", "compute_loss", "create_model_card", "get_eval_dataloader",
+                          "get_test_dataloader", "log", "train"]
+    # `_save` is the one private override; the class docstring names every override and says why.
+    assert [name for name in overridden if name.startswith("_") and not name.startswith("__")] == ["_save"]
+    assert all(f"`{name}`" in DistillationTrainer.__doc__ for name in overridden)
+    version = f"transformers {transformers.__version__}"
+    for name in overridden:
+        ours, parents = inspect.signature(getattr(DistillationTrainer, name)), inspect.signature(getattr(Trainer, name))
+        if name == "__init__":  # ours names the parent's leading parameters, adds keyword-only ones, passes the rest
+            named = [p for p in _comparable(ours) if p[1] is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+            assert named == _comparable(parents)[:len(named)], (
+                f"Trainer.__init__ changed its leading parameters in {version}: {parents}; DistillationTrainer "
+                "passes them on by position")
+            continue
+        assert _comparable(ours) == _comparable(parents), (
+            f"Trainer.{name} has a new signature in {version}: {parents}; DistillationTrainer.{name} overrides it as "
+            f"{ours}. Update the override (see the DistillationTrainer docstring for why it exists).")
 
 
 def test_bf16_runs_the_whole_moma_step_and_keeps_the_queue_in_fp32(small_moma, nct_mini_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""What keeps a MoMA run from losing or corrupting its state: a per-step guard and atomic checkpoints.
+"""What keeps a distillation run from losing or corrupting its state: a per-step guard and complete checkpoints.
 
 - `StepGuard` runs once per optimiser step, before the optimiser touches the weights. It stops the run with a
   `NonFiniteLossError` when any process saw a NaN/Inf loss term, and turns SIGTERM (a pre-empted cluster job)
@@ -8,8 +8,11 @@
   finite, and stops with a `NonFiniteStateError` naming the tensors otherwise.
 - `ResumeLearningRate` makes a `--learning_rate` given on resume take effect (the Trainer would restore the
   checkpoint's schedule), so the advice after a NaN, "resume with a lower learning rate", works.
-- `publish_checkpoint` moves a fully written checkpoint from a staging folder to `checkpoint-N` with one
-  rename, so a crash mid-save never leaves a half-written `checkpoint-N` for resume to pick.
+- The Trainer writes `checkpoint-N` in place. `is_complete_checkpoint` states when such a folder may be resumed
+  (its `trainer_state.json` exists); `remove_incomplete_checkpoints` deletes the others (a crash or a kill
+  mid-save), which the Trainer would otherwise "resume" from step 0; `check_resumable` refuses an explicit one;
+  `StaleCheckpointCallback` makes an older `checkpoint-N` that is about to be overwritten incomplete first.
+- `is_checkpoint_folder` states which folders receive the full distillation state rather than the student alone.
 """
 
 from __future__ import annotations
@@ -24,18 +27,20 @@ import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint (see is_complete_checkpoint)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .launcher import follow_launcher, reroute_orphaned_output
 
 logger = logging.getLogger(__name__)
 
-# Hidden, and not matching the Trainer's `^checkpoint-\d+$`, so resume never looks inside.
-STAGING_DIR = ".checkpoint-staging"
 BLOWUP_FACTOR = 10.0  # a logged loss this many times the run's first one: the weights had diverged by then
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# The name `Trainer._save_checkpoint` gives a checkpoint folder (and the one its `get_last_checkpoint` looks for).
+CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,13 +110,11 @@ class StepGuard(TrainerCallback):
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        # Runs after DefaultFlowCallback (the Trainer's first callback) has set `should_save` for this step, and
-        # before the Trainer saves. With save_strategy="best" the save follows an evaluation.
-        if control.should_save or (control.should_evaluate and args.save_strategy == "best"):
+        if may_save_now(args, control):
             self._check_state(args, state, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if control.should_save or (control.should_evaluate and args.save_strategy == "best"):
+        if may_save_now(args, control):
             self._check_state(args, state, model)
 
     def _check_state(self, args, state, model) -> None:
@@ -121,6 +124,15 @@ class StepGuard(TrainerCallback):
         self._checked_step = state.global_step
         if bad:
             raise NonFiniteStateError(_non_finite_state_message(state.global_step, bad, args, state))
+
+
+def may_save_now(args, control) -> bool:
+    """Whether the Trainer may write a checkpoint right after this `on_step_end` / `on_epoch_end`.
+
+    Callbacks run after DefaultFlowCallback (the Trainer's first callback), which has set `should_save` by then,
+    and before the Trainer saves. With save_strategy="best" the save follows an evaluation, so it may happen.
+    """
+    return bool(control.should_save or (control.should_evaluate and args.save_strategy == "best"))
 
 
 def non_finite_tensors(module: torch.nn.Module, accelerator=None) -> list[str]:
@@ -178,8 +190,7 @@ def last_healthy_checkpoint(output_dir: str, log_history: list[dict], logging_st
     blew up at the first logged step whose loss is not finite or above `BLOWUP_FACTOR` x the first logged
     loss; with no blow-up in the log, the newest checkpoint is the answer.
     """
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    steps = sorted(int(m.group(1)) for m in map(_CHECKPOINT.fullmatch, names) if m)
+    steps = [checkpoint_step(path) for path in checkpoint_folders(output_dir) if is_complete_checkpoint(path)]
     losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     first = abs(losses[0][1]) if losses else 0.0
     blowup = next((step for step, loss in losses if not math.isfinite(loss) or loss > BLOWUP_FACTOR * first), None)
@@ -244,22 +255,102 @@ def _non_finite_state_message(step: int, names: list[str], args, state) -> str:
     )
 
 
-def publish_checkpoint(staged: str, final: str) -> None:
-    """Make the fully written folder `staged` appear as `final` at once, replacing an older `final`.
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a Trainer checkpoint folder, `checkpoint-<step>` (transformers' `PREFIX_CHECKPOINT_DIR`).
 
-    Call on the process that writes (after every process has finished writing into `staged`).
+    The rule of `DistillationTrainer._save`: a checkpoint folder receives the full distillation state (teacher,
+    key pathway, queue, so that training resumes exactly); any other folder receives the student alone.
     """
-    replaced = None
-    if os.path.exists(final):
-        # A rename cannot replace a non-empty folder: move the old one aside first. Meanwhile resume sees the
-        # previous checkpoint, which is complete.
-        replaced = os.path.join(os.path.dirname(final), f".replaced-{os.path.basename(final)}")
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-    os.rename(staged, final)
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
-    try:
-        os.rmdir(os.path.dirname(staged))  # the staging folder, once empty
-    except OSError:
-        pass
+    return CHECKPOINT_NAME.fullmatch(Path(path).name) is not None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimiser step `N` of a `checkpoint-N` folder."""
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint folder `path` was fully written: its `trainer_state.json` exists.
+
+    `Trainer._save_checkpoint` (transformers 5) writes, in this order, the model, the optimiser and scheduler,
+    the scaler, this process's RNG state, and then, on the saving process, `trainer_state.json`. A save cut short
+    (crash, full disk, SIGKILL) therefore leaves no `trainer_state.json`, and without it the Trainer cannot
+    resume: it would silently restart from step 0. With several processes, another process's RNG file may
+    trail `trainer_state.json` by a moment; if it is missing, the Trainer warns and resumes without it.
+    """
+    return os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[str]:
+    """Every `checkpoint-N` folder in `output_dir`, complete or not, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    folders = [os.path.join(output_dir, name) for name in os.listdir(output_dir)
+               if is_checkpoint_folder(name) and os.path.isdir(os.path.join(output_dir, name))]
+    return sorted(folders, key=checkpoint_step)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint in `output_dir` (see `is_complete_checkpoint`), or None."""
+    complete = [path for path in checkpoint_folders(output_dir) if is_complete_checkpoint(path)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the incomplete checkpoint folders of `output_dir`, with a warning naming them; returns their paths.
+
+    Afterwards transformers' own `get_last_checkpoint` (what `resume_from_checkpoint=True` uses) finds the last
+    complete checkpoint. Call on the process that saves, while no checkpoint is being written.
+    """
+    incomplete = [path for path in checkpoint_folders(output_dir) if not is_complete_checkpoint(path)]
+    if incomplete:
+        logger.warning("Removing %s: a save was cut short (no %s), so %s cannot be resumed.",
+                       ", ".join(incomplete), TRAINER_STATE_NAME, "they" if len(incomplete) > 1 else "it")
+    for path in incomplete:
+        shutil.rmtree(path, ignore_errors=True)
+    return incomplete
+
+
+class IncompleteCheckpointError(ValueError):
+    """`--resume_from_checkpoint` names a checkpoint whose save was cut short."""
+
+
+def check_resumable(checkpoint: str | os.PathLike) -> None:
+    """Raise `IncompleteCheckpointError` when the folder `checkpoint` exists but is not a complete checkpoint.
+
+    The message names the problem and the last complete checkpoint beside it. A missing folder is left to the
+    Trainer, which reports it.
+    """
+    if not os.path.isdir(checkpoint) or is_complete_checkpoint(checkpoint):
+        return
+    last = last_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)))
+    advice = (f"The last complete checkpoint beside it is {last}: resume from that one." if last else
+              "No complete checkpoint lies beside it: start afresh (--overwrite_output_dir).")
+    raise IncompleteCheckpointError(
+        f"Cannot resume from {checkpoint}: it is an incomplete checkpoint (no {TRAINER_STATE_NAME}, which the "
+        f"Trainer writes last), left by a save that was cut short, and the Trainer would restart it from step 0. "
+        f"{advice}"
+    )
+
+
+class StaleCheckpointCallback(TrainerCallback):
+    """Before the Trainer writes `checkpoint-N` over an older `checkpoint-N`, make the older one incomplete.
+
+    This happens when a run resumes from an earlier checkpoint than its newest (the advice after a blow-up).
+    The Trainer writes into the existing folder, so until its new `trainer_state.json` is in, the folder would
+    mix new weights with the old state; removing the old `trainer_state.json` first keeps the completeness rule
+    (`is_complete_checkpoint`) true throughout. Add it after `StepGuard`, which may still cancel the save.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._invalidate(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._invalidate(args, state, control)
+
+    @staticmethod
+    def _invalidate(args, state, control) -> None:
+        if args.should_save and may_save_now(args, control):
+            stale = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", TRAINER_STATE_NAME)
+            if os.path.isfile(stale):
+                os.remove(stale)

@@ -15,14 +15,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
-
-from .fault_tolerance import STAGING_DIR
 from ..data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
+from .fault_tolerance import checkpoint_folders, last_complete_checkpoint
 
 # Entries a run writes into output_dir; any of them marks the folder as a run folder.
 RUN_OUTPUTS = frozenset({
-    STAGING_DIR, "runs", "config.json", "model.safetensors", "training_args.json", "training_args.bin",
+    "runs", "config.json", "model.safetensors", "training_args.json", "training_args.bin",
     "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json", "README.md",
     "training_curves.png", "confusion_matrix.png", "preprocessor_config.json",
 })
@@ -68,7 +66,7 @@ def check_output_dir(args, overwrite: bool = False) -> None:
     entries = earlier_outputs(folder)
     if not entries or resumes_here:
         return
-    if not entries & RUN_OUTPUTS and not _checkpoints(folder):
+    if not entries & RUN_OUTPUTS and not checkpoint_folders(folder):  # complete or not, a run wrote them
         raise OutputDirInUseError(
             f"--output_dir {folder} holds files that no run wrote ({', '.join(sorted(entries)[:5])}). A run deletes "
             "only folders it recognises; pick a new or empty --output_dir."
@@ -116,7 +114,8 @@ def _refusal(folder: Path) -> str:
 
 
 def _checkpoints(folder: Path) -> str | None:
-    return get_last_checkpoint(folder) if folder.is_dir() else None
+    # Only a complete checkpoint can be resumed (fault_tolerance.is_complete_checkpoint).
+    return last_complete_checkpoint(folder)
 
 
 def _inside(path, folder: Path) -> bool:
