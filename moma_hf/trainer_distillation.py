@@ -18,8 +18,14 @@ from .data.streaming import EndlessStream
 from .networks.students import save_student
 from .training.bad_image_limit import BadImageLimitCallback
 from .training.callbacks import DataWaitCallback, DistillationStepCallback
-from .training.fault_tolerance import (ResumeLearningRate, StaleCheckpointCallback, StepGuard, check_resumable,
-                                       is_checkpoint_folder, remove_incomplete_checkpoints)
+from .training.fault_tolerance import (
+    ResumeLearningRate,
+    StaleCheckpointCallback,
+    StepGuard,
+    check_resumable,
+    is_checkpoint_folder,
+    remove_incomplete_checkpoints,
+)
 
 
 class DistillationTrainer(Trainer):

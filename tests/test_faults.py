@@ -11,16 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_trainer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import make_trainer
-from moma_hf.training.fault_tolerance import (IncompleteCheckpointError, NonFiniteLossError, NonFiniteStateError,
-                                              is_checkpoint_folder, is_complete_checkpoint, last_complete_checkpoint,
-                                              last_healthy_checkpoint, non_finite_tensors,
-                                              remove_incomplete_checkpoints)
 from moma_hf.hub import HubPushError, push_student
+from moma_hf.training.fault_tolerance import (
+    IncompleteCheckpointError,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    is_checkpoint_folder,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    last_healthy_checkpoint,
+    non_finite_tensors,
+    remove_incomplete_checkpoints,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

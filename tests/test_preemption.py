@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, launch_command, launch_env
+
 from moma_hf.training.fault_tolerance import is_complete_checkpoint
 
 PREEMPTED = 143

@@ -7,9 +7,8 @@ Augmentation is seeded per image (see `PatchCollator`), so the resumed run also 
 
 import pytest
 import torch
-from transformers import TrainerCallback
-
 from conftest import make_trainer
+from transformers import TrainerCallback
 
 
 class _Crash(TrainerCallback):
@@ -69,9 +68,8 @@ def test_the_command_line_continues_from_checkpoint_20_to_the_straight_runs_stud
     import importlib.util
     import shutil
 
-    from safetensors.torch import load_file
-
     from conftest import REPO
+    from safetensors.torch import load_file
 
     monkeypatch.chdir(REPO)  # the demo config names its teacher and data relative to the repository
     spec = importlib.util.spec_from_file_location("distill", REPO / "examples" / "distill.py")

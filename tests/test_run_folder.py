@@ -8,10 +8,10 @@ import shutil
 import sys
 
 import pytest
+from conftest import REPO
 from transformers import TrainingArguments
 
-from conftest import REPO
-from moma_hf.training.run_folder import OutputDirInUseError, check_output_dir, prepare_output_dir
+from moma_hf.training.run_folder import OutputDirInUseError, check_output_dir, prepare_output_dir, unfinished_run_flags
 
 # A short demo run (the demo config supplies teacher, student and data) that keeps two checkpoints.
 DEMO_FLAGS = ["--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5", "--report_to", "none",
@@ -97,6 +97,26 @@ def test_what_is_refused_even_with_overwrite_and_what_is_not(tmp_path):
     with pytest.raises(ValueError, match="would delete"):
         check_output_dir(args(tmp_path / "run", resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3")),
                          overwrite=True)
+
+
+def test_the_advice_names_only_complete_checkpoints(tmp_path):
+    def args(folder):
+        return TrainingArguments(output_dir=str(folder), report_to="none", use_cpu=True)
+
+    out = tmp_path / "killed"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2").mkdir()  # a kill mid-save: no trainer_state.json, so it cannot be resumed
+    with pytest.raises(OutputDirInUseError, match="interrupted run") as refusal:
+        check_output_dir(args(out))
+    assert f"--resume_from_checkpoint {out / 'checkpoint-1'} " in str(refusal.value)
+    assert unfinished_run_flags(out) == [f"--resume_from_checkpoint={out / 'checkpoint-1'}"]
+    (out / "checkpoint-1" / "trainer_state.json").unlink()  # no complete checkpoint is left: start afresh
+    with pytest.raises(OutputDirInUseError, match="no checkpoint to resume from"):
+        check_output_dir(args(out))
+    assert unfinished_run_flags(out) == ["--overwrite_output_dir=true"]
+    prepare_output_dir(args(out), overwrite=True)  # still a run's folder, so it may be cleared
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.timeout(600)

@@ -5,13 +5,12 @@ import inspect
 import json
 
 import pytest
-
 import torch
 import transformers
+from conftest import make_trainer
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, Trainer, TrainerControl, TrainerState
 
-from conftest import make_trainer
 from moma_hf import DistillationTrainer
 
 
