@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,16 @@ from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from moma_hf.data import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchCollator,
+    build_train_transform,
+    load_patch_dataset,
+)
 
-from moma_hf.data import IMAGE_EXTENSIONS, PatchCollator, load_patch_dataset  # noqa: E402
-from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform  # noqa: E402
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "crc-polyp-96" / "train"
 
 
 def make_subset(source: Path, num_images: int, target: Path) -> int:
@@ -74,16 +78,16 @@ def run_epoch(loader: DataLoader, epoch: int) -> tuple[int, float]:
     return images, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Build the subset and the loaders, time them, print images/s and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "crc-polyp-96" / "train")
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--image_size", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the main process only receives batches; leave the cores to the workers
 
     with tempfile.TemporaryDirectory() as tmp:

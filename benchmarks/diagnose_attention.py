@@ -1,7 +1,7 @@
 """Why does MoMA with batch attention trail its no-attention ablation? Measure what attention does to the embeddings.
 
-Runs `examples/distill.py` in-process on one scenario of `moma-compare` (same labelled subset, teacher
-and seed) for each variant asked for, and records at every training step:
+Distils each variant asked for with `moma_hf.commands.compare.run_method` (the `moma-distill` job, in this process)
+on one scenario of `moma-compare` (same labeled subset, teacher and seed), and records at every training step:
 
 - `key_cos_in` / `key_cos_out`: mean cosine between different samples' keys before (`g_T`) and after `A_k`;
 - `query_cos_in` / `query_cos_out`: the same for the queries around `A_q`;
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.modules.module import register_module_forward_hook
 
+from moma_hf import MoMAForDistillation
 from moma_hf.commands import compare as cm
-from moma_hf.modeling_moma import MoMAForDistillation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ class EmbeddingRecorder:
 def run_variant(variant: str, seed: int, config: dict, dirs: tuple[str, Path, Path],
                 out: Path) -> tuple[list[dict], dict]:
     """Distil one variant ("method [--flag value ...]") as `moma-compare` would, on `dirs` = (teacher,
-    labelled training folder, test folder); its per-step statistics and test metrics."""
+    labeled training folder, test folder); its per-step statistics and test metrics."""
     teacher, train_dir, test_dir = dirs
     shutil.rmtree(out, ignore_errors=True)  # the harness skips finished runs; this one must train to record
     recorder = EmbeddingRecorder()
@@ -113,8 +113,9 @@ def main(argv=None) -> str:
     out = args.output_dir or REPO / "outputs" / "diagnose" / f"{args.config.stem}_seed{args.seed}"
     compare_out = REPO / "outputs" / "compare" / args.config.stem  # reuses the harness's teacher and subsets
     teacher, test_dir, pool = cm.prepare_scenario(config, compare_out)
-    dirs = (teacher, cm.labelled_subset(pool, config, args.seed, compare_out), test_dir)
-    lines = ["| variant | steps | " + " | ".join(STATS) + " | macro_f1 |", "| --- | --- |" + " --- |" * (len(STATS) + 1)]
+    dirs = (teacher, cm.labeled_subset(pool, config, args.seed, compare_out), test_dir)
+    lines = ["| variant | steps | " + " | ".join(STATS) + " | macro_f1 |",
+             "| --- | --- |" + " --- |" * (len(STATS) + 1)]
     for variant in args.variants:
         steps, metrics = run_variant(variant, args.seed, config, dirs, out / cm.variant_dir(variant))
         fifth = max(1, len(steps) // 5)

@@ -1,11 +1,11 @@
 """What the teacher-feature cache buys: epoch time without the teacher forward, and the accuracy it costs.
 
-1. Speed. `examples/distill.py` distils a ResNet-18 student from a frozen ViT-L/16-sized teacher (UNI's size;
-   `--teacher vit-base` for Phikon's ViT-B/16) with random weights, since nothing can be downloaded and time
-   does not depend on the weights. It runs at 224 px on `--images` real crc-polyp-96 patches for `--epochs`
-   epochs, once as usual and once with `--cache_teacher_features`. The ratio of the two `train_runtime`s is
-   the per-epoch speed-up after the caching pass; the pass itself is reported beside it (`build_seconds` in
-   the cache's `cache_info.json`).
+1. Speed. The `moma-distill` job (`moma_hf.commands.distill.main`) distils a ResNet-18 student from a frozen
+   ViT-L/16-sized teacher (UNI's size; `--teacher vit-base` for Phikon's ViT-B/16) with random weights, since
+   nothing can be downloaded and time does not depend on the weights. It runs at 224 px on `--images` real
+   crc-polyp-96 patches for `--epochs` epochs, once as usual and once with `--cache_teacher_features`. The ratio
+   of the two `train_runtime`s is the per-epoch speed-up after the caching pass; the pass itself is reported
+   beside it (`build_seconds` in the cache's `cache_info.json`).
 2. Accuracy. The same-task scenario of `moma-compare` (ResNet-18 teacher, ResNet-10t student, 10% of
    the labels, 80 steps, the scenario's seeds or `--seeds`) runs MoMA with and without the cache
    (`--cache_views` views), paired, reusing the harness's teacher, subsets and finished runs.
@@ -82,7 +82,7 @@ def measure_accuracy(args) -> list[tuple[int, float, float]]:
     cached = f"moma --cache_teacher_features true --cache_views {args.cache_views}"
     rows = []
     for seed in args.seeds or config["seeds"]:
-        train_dir = cm.labelled_subset(pool, config, seed, out)
+        train_dir = cm.labeled_subset(pool, config, seed, out)
         scores = [cm.run_method(variant, seed, train_dir, test_dir, teacher, config,
                                 out / f"seed{seed}" / cm.variant_dir(variant))["macro_f1"]
                   for variant in ("moma", cached)]

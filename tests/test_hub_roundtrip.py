@@ -8,7 +8,7 @@ from transformers import AutoModelForImageClassification, ViTImageProcessor, pip
 
 from conftest import NCT_CLASSES, make_trainer, timm_classifier, tiny_vit
 from moma_hf.evaluation.metrics import evaluate_and_save
-from moma_hf.evaluation.model_card import MoMAModelCardData
+from moma_hf.evaluation.model_card import DistillationModelCardData
 from moma_hf.networks.teachers import TeacherLoadError, load_teacher
 
 TOKEN = "hf_moma_secret_write_token_123"
@@ -24,7 +24,7 @@ def test_distilled_student_pushes_and_reloads_with_the_same_predictions(hub, sma
     trainer = make_trainer(small_moma, nct_mini_dir, tmp_path / "out", max_steps=4, push_to_hub=True,
                            hub_model_id="user/moma-student", hub_token=TOKEN,
                            teacher_model_name_or_path="org/vit-teacher")
-    trainer.model_card_data = MoMAModelCardData(dataset_name="nct-crc-mini", license="cc-by-4.0", image_size=64)
+    trainer.model_card_data = DistillationModelCardData(dataset_name="nct-crc-mini", license="cc-by-4.0", image_size=64)
     trainer.train()
     evaluate_and_save(trainer, trainer.train_dataset, NCT_CLASSES)
     trainer.save_model()  # with push_to_hub, the Trainer pushes the exported student and its card

@@ -13,6 +13,7 @@ import pytest
 from transformers import EvalPrediction
 
 from moma_hf.evaluation import metrics as evaluation
+from moma_hf.evaluation import plots
 from moma_hf.evaluation.metric_scripts import METRIC_NAMES, METRICS_DIR, load_metric
 
 # The worked example: 3 classes, 12 examples, confusion matrix (rows: reference, columns: prediction)
@@ -193,3 +194,36 @@ def test_save_evaluation_writes_the_report_files(tmp_path):
     assert json.loads(paths["matrix"].read_text()) == {"labels": ["a", "b", "c"], "matrix": MATRIX}
     assert json.loads(paths["per_class"].read_text())["b"]["support"] == 5
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_drawing_the_figures_leaves_the_users_matplotlib_backend_and_figures_alone(tmp_path):
+    """A notebook user picks a backend before importing moma_hf; importing the package and drawing every figure it
+    writes (confusion matrix, training curves, method comparison) must not switch it or leave figures open."""
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np
+import moma_hf
+from moma_hf.commands import compare
+from moma_hf.evaluation import metrics, model_card, plots
+out = {str(tmp_path)!r}
+metrics.save_evaluation(out, {{"eval_accuracy": 0.5}}, np.array({MATRIX}), ["a", "b", "c"])
+assert plots.plot_training_curves([{{"step": 1, "loss": 2.0, "loss_ce": 1.5, "loss_fitnet": 0.5}}], out + "/curves.png")
+rows = [{{"method": m, "seed": s, "accuracy": 0.5, "macro_f1": 0.4, "balanced_accuracy": 0.5}}
+        for m in ("ce", "moma") for s in (0, 1)]
+compare.summarise(rows, ["ce", "moma"], __import__("pathlib").Path(out), "t")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "svg []"
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG")
+               for name in ("confusion_matrix.png", "curves.png", "results.png"))
+
+
+def test_training_curves_show_every_logged_loss_term(tmp_path):
+    history = [{"step": s, "loss": 2.0 / s, "loss_ce": 1.0 / s, "loss_rkd": 0.5 / s, "learning_rate": 0.1}
+               for s in (1, 2, 3)] + [{"step": 3, "eval_loss": 1.0}]
+    assert plots.plot_training_curves(history, tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    assert plots.plot_training_curves([{"step": 1, "eval_loss": 1.0}], tmp_path / "none.png") is None

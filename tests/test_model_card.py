@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import re
 import sys
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,3 +109,42 @@ def test_every_switched_off_term_has_a_reason():
         "loss_kd": "the teacher owkin/phikon has no classifier head, so it gives no logits"}
     assert DistillationConfig(**same, method="fitnet", w_feature=0).switched_off_terms() == {"loss_fitnet": "w_feature=0"}
     assert DistillationConfig(**same, method="ce").switched_off_terms() == {}
+
+
+def _card_text(model, tmp_path, log_history, **args):
+    """The card `write_model_card` renders for `model` after a run that logged `log_history` (no training)."""
+    from transformers import TrainerState
+
+    from moma_hf import DistillationTrainingArguments
+    from moma_hf.evaluation.model_card import DistillationModelCardData, write_model_card
+
+    state = TrainerState(global_step=3, log_history=log_history)
+    run = SimpleNamespace(distillation_model=model, state=state, model_card_data=None,
+                          args=DistillationTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", **args))
+    return write_model_card(run, tmp_path / "run", DistillationModelCardData(image_size=64)).read_text()
+
+
+def test_the_card_takes_its_facts_from_the_models_config_and_the_logged_history(small_moma, tmp_path):
+    model = small_moma(method="fitnet", w_feature=50.0)  # as the run's arguments below set it
+    history = [{"step": s, "loss": 1.0 / s, "loss_ce": 0.5 / s, "loss_fitnet": 0.2 / s, "labeled_fraction": 0.25}
+               for s in (1, 2, 3)]
+    text = _card_text(model, tmp_path, history, method="fitnet", w_feature=50.0, learning_rate=0.01)
+    assert f"({model.student_summary['num_parameters'] / 1e6:.1f}M parameters)" in text
+    assert "`test_resnet`" in text and "`fitnet` baseline" in text and "3 optimiser steps" in text
+    assert "25.0% of the training examples were labeled" in text
+    table = _hyperparameters(text)
+    assert table["method"] == "fitnet" and table["w_feature"] == "50.0" and table["learning_rate"] == "0.01"
+    assert "| w_feature | **50.0** |" in text and "| seed | 42 |" in text  # bold: set by the user
+    assert not {"w_kd", "queue_size", "kd_temperature"} & set(table)  # terms fitnet never used
+    assert (tmp_path / "run" / "training_curves.png").exists()
+
+
+def test_the_card_reads_the_labeled_share_under_its_old_key_and_omits_it_when_every_example_was_labeled(
+        small_moma, tmp_path):
+    from moma_hf.evaluation.model_card import labeled_percent
+
+    assert labeled_percent([{"step": 1, "labelled_fraction": 0.5}, {"step": 2, "labeled_fraction": 0.7}]) == 60.0
+    assert labeled_percent([{"step": 1, "labeled_fraction": 1.0}]) is None and labeled_percent([]) is None
+    text = _card_text(small_moma(), tmp_path, [{"step": 1, "loss": 1.0, "labeled_fraction": 1.0}])
+    assert "were labeled" not in text and "with\n[MoMA]" in text
+    assert _hyperparameters(text)["teacher_update"] == "frozen"  # resolved by the model from "auto"

@@ -1,4 +1,4 @@
-"""`moma-compare`: which distillation strategy for which task: every method on the same labelled subsets, seeds
+"""`moma-compare`: which distillation strategy for which task: every method on the same labeled subsets, seeds
 and budget.
 
     moma-compare --config examples/configs/scenario_same_task.yaml
@@ -9,7 +9,7 @@ recipe to train one on the teacher's part of the training set), the student arch
 the methods, the seeds and the `moma-distill` flags shared by every run. Relative paths in it are read
 from the current folder.
 
-The comparison is paired: for one seed every method sees the same labelled subset, the same data order and
+The comparison is paired: for one seed every method sees the same labeled subset, the same data order and
 the same student initialisation (all drawn from the seed), so the per-seed difference to `ce` isolates the
 method. Beside mean +- std per method it reports the mean paired difference to `ce` with its 95% t-interval.
 Writes `results.csv`, `results.md` and `results.png` into the output folder.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import shlex
@@ -30,6 +31,7 @@ import numpy as np
 import yaml
 
 from moma_hf.commands import distill, train_teacher
+from moma_hf.evaluation.plots import plot_method_comparison
 from moma_hf.training.run_folder import unfinished_run_flags
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
@@ -43,7 +45,7 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
 
 
 def link_subset(files: dict[str, list[Path]], out: Path, grouping: dict[str, str] | None = None) -> Path:
-    """An imagefolder of symlinks to `files` (optionally relabelled by `grouping`: class -> new class)."""
+    """An imagefolder of symlinks to `files` (optionally relabeled by `grouping`: class -> new class)."""
     for label, paths in files.items():
         target = out / (grouping or {}).get(label, label)
         target.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
     """Distil (or train, for `ce`) one student with `moma-distill`; its test metrics.
 
     `variant` is a method name, optionally followed by `distill.py` flags that override the scenario's, such as
-    "moma --attention_residual false"; `extra_flags` are added to every run (the unlabelled pool).
+    "moma --attention_residual false"; `extra_flags` are added to every run (the unlabeled pool).
     """
     method, *extra = shlex.split(variant)
     results = out / "eval_results.json"
@@ -102,8 +104,6 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
                                              + unfinished_run_flags(out))
         if code:
             raise RuntimeError(f"{variant} seed {seed} stopped with exit code {code}")
-    import json
-
     metrics = json.loads(results.read_text())
     return {name: float(metrics[f"eval_{name}"]) for name in METRICS}
 
@@ -138,28 +138,9 @@ def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffi
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
     table = "\n".join(lines) + "\n"
     (out / f"results{suffix}.md").write_text(table)
-    _plot(by, methods, seeds, out / f"results{suffix}.png", title)
+    scores = {m: {metric: [by[m][s][metric] for s in seeds] for metric in ("accuracy", "macro_f1")} for m in methods}
+    plot_method_comparison(scores, out / f"results{suffix}.png", title)
     return table
-
-
-def _plot(by, methods, seeds, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.5))
-    for offset, metric in zip((-0.2, 0.2), ("accuracy", "macro_f1")):
-        values = [[by[m][s][metric] * 100 for s in seeds] for m in methods]
-        ax.bar(np.arange(len(methods)) + offset, [np.mean(v) for v in values], width=0.4, label=metric,
-               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], capsize=3)
-    ax.set_xticks(np.arange(len(methods)), methods)
-    ax.set_ylabel("% on the test split")
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list[Path]]]:
@@ -175,16 +156,16 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     return teacher, test_dir, student_pool
 
 
-def labelled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
-    """The folder of the labelled images that every method gets for `seed` (`tag` names another budget)."""
-    labelled, _ = stratified_split(student_pool, config["label_budget"], seed)
-    return link_subset(labelled, out / "data" / f"labelled_seed{seed}{tag}")
+def labeled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
+    """The folder of the labeled images that every method gets for `seed` (`tag` names another budget)."""
+    labeled, _ = stratified_split(student_pool, config["label_budget"], seed)
+    return link_subset(labeled, out / "data" / f"labeled_seed{seed}{tag}")
 
 
-def unlabelled_pool(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str) -> Path:
-    """A flat folder (no class folders, numbered names) of the images left unlabelled for `seed`."""
+def unlabeled_pool(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str) -> Path:
+    """A flat folder (no class folders, numbered names) of the images left unlabeled for `seed`."""
     _, rest = stratified_split(student_pool, config["label_budget"], seed)
-    folder = out / "data" / f"unlabelled_seed{seed}{tag}"
+    folder = out / "data" / f"unlabeled_seed{seed}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     for number, path in enumerate(p for label in sorted(rest) for p in rest[label]):
         link = folder / f"{number:06d}{path.suffix}"
@@ -193,8 +174,8 @@ def unlabelled_pool(student_pool: dict[str, list[Path]], config: dict, seed: int
     return folder
 
 
-def uses_unlabelled(variant: str) -> bool:
-    """Whether a method can learn from unlabelled images (`ce` has no term without labels)."""
+def uses_unlabeled(variant: str) -> bool:
+    """Whether a method can learn from unlabeled images (`ce` has no term without labels)."""
     return shlex.split(variant)[0] != "ce"
 
 
@@ -211,34 +192,34 @@ def run(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", nargs="+", help="Override the scenario's methods.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Override the scenario's seeds (at least 3).")
     parser.add_argument("--output_dir", type=Path, help="Default: outputs/compare/<config name>.")
-    parser.add_argument("--label_budget", type=float, help="Override the scenario's share of labelled images.")
+    parser.add_argument("--label_budget", type=float, help="Override the scenario's share of labeled images.")
     parser.add_argument("--unlabeled", action="store_true",
-                        help="Give every method that can use them the rest of the student's images, unlabelled.")
+                        help="Give every method that can use them the rest of the student's images, unlabeled.")
     parser.add_argument("--labeled_fraction", type=float,
-                        help="With --unlabeled: labelled share of each batch (default: the scenario's, else natural).")
+                        help="With --unlabeled: labeled share of each batch (default: the scenario's, else natural).")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
     out = (args.output_dir or Path("outputs") / "compare" / args.config.stem).resolve()
     teacher, test_dir, student_pool = prepare_scenario(config, out)
-    # Runs of another budget or with the unlabelled pool get their own folders and result files.
+    # Runs of another budget or with the unlabeled pool get their own folders and result files.
     tag = "" if args.label_budget in (None, config["label_budget"]) else f"_labels{args.label_budget:g}"
     config["label_budget"] = args.label_budget or config["label_budget"]
     fraction = args.labeled_fraction or config.get("labeled_fraction")
     title = config.get("title", args.config.stem) + (f", {config['label_budget']:.0%} labels" if tag else "")
     rows = []
     for seed in seeds:
-        train_dir = labelled_subset(student_pool, config, seed, out, tag)
+        train_dir = labeled_subset(student_pool, config, seed, out, tag)
         pool_flags, pool_tag = (), "_unlabeled" + (f"{fraction:g}" if fraction else "")  # natural or a fraction
         if args.unlabeled:
-            pool_flags = (f"--unlabeled_dir={unlabelled_pool(student_pool, config, seed, out, tag)}",)
+            pool_flags = (f"--unlabeled_dir={unlabeled_pool(student_pool, config, seed, out, tag)}",)
             pool_flags += (f"--labeled_fraction={fraction}",) if fraction else ()
         for method in methods:
-            extra = pool_flags if uses_unlabelled(method) else ()
+            extra = pool_flags if uses_unlabeled(method) else ()
             folder = variant_dir(method) + (pool_tag if extra else "")
             metrics = run_method(method, seed, train_dir, test_dir, teacher, config,
                                  out / f"seed{seed}{tag}" / folder, extra)
-            label = method + (" + unlabelled" if extra else "")
+            label = method + (" + unlabeled" if extra else "")
             rows.append({"method": label, "seed": seed, **metrics})
             print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     suffix = tag + ("_unlabeled" + (f"{fraction:g}" if fraction else "") if args.unlabeled else "")

@@ -24,7 +24,7 @@ from moma_hf.data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
 from moma_hf.data.feature_cache import attach_feature_cache
 from moma_hf.hub import check_push_access, push_student
 from moma_hf.training.launcher import notify_launcher
-from moma_hf.evaluation.model_card import MoMAModelCardData
+from moma_hf.evaluation.model_card import DistillationModelCardData
 from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
 from moma_hf.networks.students import SAME_AS_TEACHER, build_student
 from moma_hf.networks.teachers import load_teacher
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
         facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
                  "image_size": image_size, "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
         train_dataset = cache_teacher_outputs(model, train_dataset, train_collator, args, facts)
-    card = MoMAModelCardData(
+    card = DistillationModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
         dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,
         eval_split=data_args.validation_split, dataset_citation=card_args.dataset_citation,

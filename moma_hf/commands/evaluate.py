@@ -1,5 +1,5 @@
 """`moma-evaluate`: score an image classifier (a distilled student, a teacher, any Hub model) on a split of a
-labelled patch dataset.
+labeled patch dataset.
 
     moma-evaluate --model_name_or_path outputs/demo --data_dir examples/demo_data --split validation \
         --output_dir outputs/demo-eval
@@ -8,11 +8,11 @@ labelled patch dataset.
 
 The model loads with `AutoModelForImageClassification.from_pretrained` (transformers and timm-wrapped models);
 remote code runs only with --trust_remote_code. The data is a Hub dataset (--dataset_name) or a local image folder,
-parquet files or webdataset tars (--data_dir), read by `moma_hf.data.loading.load_patch_dataset`. Its label names must be
-the model's `id2label` names (all of them, or some of them for a split that lacks classes; the order may differ).
-Images are resized to the model's input size (--image_size overrides it) and normalised with its processor's mean
-and std, as during evaluation in training. A token for private repos comes from `hf auth login` or `HF_TOKEN`,
-never from a flag, which would end up in shell histories and job logs.
+parquet files or webdataset tars (--data_dir), read by `moma_hf.data.loading.load_patch_dataset`. Its label names
+must be the model's `id2label` names (all of them, or some of them for a split that lacks classes; the order may
+differ). Images are resized to the model's input size (--image_size overrides it) and normalised with its
+processor's mean and std, as during evaluation in training. A token for private repos comes from `hf auth login`
+or `HF_TOKEN`, never from a flag, which would end up in shell histories and job logs.
 
 Writes into --output_dir (see `moma_hf.evaluation.metrics.save_evaluation`):
 
@@ -47,6 +47,7 @@ from moma_hf.data import (
     normalization_from_processor,
 )
 from moma_hf.evaluation.metrics import confusion_matrix, prediction_metrics, save_evaluation, score_readable
+from moma_hf.networks.backbones import input_size as config_input_size
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class ModelArguments:
 
 @dataclass
 class EvalDataArguments:
-    """Which labelled images to evaluate on."""
+    """Which labeled images to evaluate on."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. 1aurent/NCT-CRC-HE."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
@@ -182,13 +183,11 @@ def input_size(processor, model) -> int:
     """The square input size the model expects, from its image processor or, failing that, its config."""
     data_config = getattr(processor, "data_config", None) or {}  # timm models (TimmWrapperImageProcessor)
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-    pretrained_cfg = getattr(model.config, "pretrained_cfg", None) or {}
     candidates = (
         (data_config.get("input_size") or [None])[-1],
         _side(crop),
         _side(getattr(processor, "size", None)),
-        _side(getattr(model.config, "image_size", None)),
-        (pretrained_cfg.get("input_size") or [None])[-1],
+        config_input_size(model, default=0),  # the config's timm `pretrained_cfg` or `image_size`
     )
     for size in candidates:
         if size:

@@ -1,6 +1,7 @@
 """Classification metrics for `Trainer.compute_metrics` and the evaluation scripts, and the files that report them.
 
-The numbers come from the `evaluate` modules shipped in :mod:`moma_hf.evaluation.metric_scripts`. Every evaluation reports
+The numbers come from the `evaluate` modules shipped in :mod:`moma_hf.evaluation.metric_scripts`. Every evaluation
+reports
 
 - ``accuracy``, ``balanced_accuracy``, ``macro_f1``;
 - ``cohen_kappa`` (unweighted) and ``quadratic_kappa`` (Cohen's kappa with quadratic weights, for ordinal labels
@@ -116,7 +117,7 @@ def make_compute_metrics(num_labels: int):
         if logits.shape[-1] != num_labels:
             raise ValueError(f"The model gives {logits.shape[-1]} logits per image for {num_labels} labels.")
         references = np.asarray(eval_prediction.label_ids)
-        scored = references >= 0  # unreadable images (and unlabelled examples) are not scored
+        scored = references >= 0  # unreadable images (and unlabeled examples) are not scored
         return prediction_metrics(np.argmax(logits, axis=-1)[scored], references[scored])
 
     return compute_metrics

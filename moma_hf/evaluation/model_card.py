@@ -1,7 +1,7 @@
 """Model cards for distilled students, built from facts gathered during training. No network call.
 
 The card's metadata (`library_name`, `base_model` with relation `distillation`, `datasets`, `tags`, `license`,
-`model-index`) comes from the trainer's arguments, the MoMA config and the last evaluation; the body from the
+`model-index`) comes from the trainer's arguments, the model's config and the last evaluation; the body from the
 template `model_cards/student_card.md.j2`. A card states only what happened: `base_model` is the teacher's Hub
 id (never a local path, and none for `ce`, which has no teacher), loss weights are the resolved numbers, and
 the hyper-parameter table lists only what the method used.
@@ -42,29 +42,35 @@ def template_path(name: str = "student_card.md.j2") -> Path:
 
 
 TAGS = ["histopathology", "image-classification"]  # plus "knowledge-distillation" and "moma" where they apply
-# The arguments a reader of a card cares about, in the order shown; a card shows only those its method used.
-CARD_HYPERPARAMETERS = (
-    "method", "teacher_update", "projection_dim", "attention_heads", "queue_size", "contrastive_temperature",
-    "momentum", "w_ce", "w_kd", "w_moma", "kd_temperature", "w_feature", "learning_rate", "optim", "weight_decay",
-    "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-    "num_train_epochs", "seed", "bf16", "fp16",
+# The settings a reader of a card cares about, in the order shown: the distillation settings under the config's
+# names (their values read from the model's config), then the Trainer's. A card shows only the distillation
+# settings its method used.
+CONFIG_HYPERPARAMETERS = (
+    "method", "teacher_update", "projection_dim", "num_attention_heads", "queue_size", "contrastive_temperature",
+    "momentum", "w_kd", "w_moma", "kd_temperature", "w_feature",
 )
-_MOMA_ONLY = {"teacher_update", "projection_dim", "attention_heads", "queue_size", "contrastive_temperature",
+TRAINING_HYPERPARAMETERS = (
+    "learning_rate", "optim", "weight_decay", "lr_scheduler_type", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16", "fp16",
+)
+_MOMA_ONLY = {"teacher_update", "projection_dim", "num_attention_heads", "queue_size", "contrastive_temperature",
               "momentum", "w_moma"}
 # The method-specific rows each method shows (the others never took part in its training).
 _METHOD_ROWS = {
     "moma": _MOMA_ONLY | {"w_kd", "kd_temperature"},
-    "moma-noattn": (_MOMA_ONLY - {"attention_heads"}) | {"w_kd", "kd_temperature"},
+    "moma-noattn": (_MOMA_ONLY - {"num_attention_heads"}) | {"w_kd", "kd_temperature"},
     "kd": {"w_kd", "kd_temperature"}, "dkd": {"w_kd", "kd_temperature"},
     "fitnet": {"w_feature"}, "rkd": {"w_feature"},
     "crd": {"w_feature", "projection_dim", "queue_size", "contrastive_temperature"},
     "ce": set(),
 }
 _SPECIFIC_ROWS = set().union(*_METHOD_ROWS.values())
+# The share of labeled examples per step, as the trainer logs it; runs saved before the US spelling used the other.
+LABELED_FRACTION_KEYS = ("labeled_fraction", "labelled_fraction")
 
 
 @dataclass
-class MoMAModelCardData:
+class DistillationModelCardData:
     """Facts about the data and the run that the trainer cannot know; the example scripts fill them in.
 
     Attributes:
@@ -86,13 +92,17 @@ class MoMAModelCardData:
     extra_tags: list[str] = field(default_factory=list)
 
 
-def write_model_card(trainer, output_dir: str | Path, card_data: MoMAModelCardData | None = None) -> Path:
-    """Render the student's card into `output_dir/README.md`, with a training-curve plot beside it."""
+def write_model_card(trainer, output_dir: str | Path, card_data: DistillationModelCardData | None = None) -> Path:
+    """Render the student's card into `output_dir/README.md`, with a training-curve plot beside it.
+
+    The facts come from what the run reports publicly: the trained model (`trainer.distillation_model`: its
+    config and public properties), `trainer.args` and `trainer.state` (the log history and the step count).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    card_data = card_data or getattr(trainer, "model_card_data", None) or MoMAModelCardData()
+    card_data = card_data or getattr(trainer, "model_card_data", None) or DistillationModelCardData()
     curves = plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    facts = gather_facts(trainer, card_data)
+    facts = gather_facts(trainer.distillation_model, trainer.args, trainer.state, card_data)
     facts["training_curves"] = curves.name if curves else None
     facts["confusion_matrix"] = "confusion_matrix.png" if (output_dir / "confusion_matrix.png").exists() else None
     card = ModelCard.from_template(_metadata(facts, card_data), template_path=str(template_path()), **facts)
@@ -101,11 +111,19 @@ def write_model_card(trainer, output_dir: str | Path, card_data: MoMAModelCardDa
     return path
 
 
-def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
-    """Everything the template shows, read from the trainer's arguments, model and history."""
-    args, moma = trainer.args, trainer.distillation_model
-    config, student = moma.config, moma.student
+def gather_facts(model, args, state, card_data: DistillationModelCardData) -> dict:
+    """Everything the template shows.
+
+    Args:
+        model: the trained `DistillationPreTrainedModel`; read through its config (method, teacher, settings) and
+            its public `teacher_update` and `student_summary`.
+        args: the run's `TrainingArguments` (output folder, Hub id, batch, optimiser settings).
+        state: the Trainer's `TrainerState` (`global_step`, `log_history`).
+        card_data: what only the caller knows (the data's name, licence, ...).
+    """
+    config, student = model.config, model.student_summary
     repo_id = args.hub_model_id or Path(args.output_dir).name
+    timm_architecture = (config.student_config or {}).get("architecture")
     return dict(
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
@@ -113,20 +131,21 @@ def gather_facts(trainer, card_data: MoMAModelCardData) -> dict:
         eval_split=card_data.eval_split,
         dataset_citation=card_data.dataset_citation,
         labels=[config.id2label[i] for i in sorted(config.id2label)],
-        **teacher_facts(config, args.method),
+        **teacher_facts(config),
         teacher_revision=config.teacher_revision,
-        teacher_update=moma.teacher_update,
+        teacher_update=model.teacher_update,
         same_label_space=config.same_label_space,
         w_kd=config.w_kd,
-        method=args.method,
-        student_architecture=getattr(student.config, "architecture", None) or type(student).__name__,
-        timm_architecture=getattr(student.config, "architecture", None),
-        student_parameters=f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M",
+        method=config.method,
+        student_architecture=student["architecture"],
+        timm_architecture=timm_architecture,
+        student_parameters=f"{student['num_parameters'] / 1e6:.1f}M",
         image_size=card_data.image_size or "?",
-        steps=trainer.state.global_step,
+        steps=state.global_step,
         global_batch_size=args.global_batch_size,
-        metrics=last_eval_metrics(trainer.state.log_history),
-        hyperparameters=hyperparameter_rows(args, config, moma.teacher_update),
+        labeled_percent=labeled_percent(state.log_history),
+        metrics=last_eval_metrics(state.log_history),
+        hyperparameters=hyperparameter_rows(config, args, model.teacher_update),
         versions=", ".join(
             f"{name} {version}" for name, version in (
                 ("moma-hf", _package_version()), ("transformers", transformers.__version__),
@@ -151,10 +170,10 @@ def hub_id(name_or_path: str | None) -> str | None:
     return repo
 
 
-def teacher_facts(config, method: str) -> dict:
+def teacher_facts(config) -> dict:
     """`distilled`, and the teacher as named in the card: `teacher` (a Hub id, or a local folder's name),
     `teacher_url` (None for a local folder) and `teacher_link` (markdown). A `ce` run names no teacher."""
-    name = config.teacher_name_or_path if method != "ce" else None
+    name = config.teacher_name_or_path if config.method.uses_teacher else None
     repo = hub_id(name)
     shown = repo or (Path(name).name if name else None)
     link = f"[`{repo}`](https://huggingface.co/{repo})" if repo else f"`{shown}` (a local model)"
@@ -174,33 +193,42 @@ def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
-def hyperparameter_rows(args, config=None, teacher_update: str | None = None) -> list[tuple[str, object, bool]]:
+def labeled_percent(log_history: list[dict]) -> float | None:
+    """The mean share of labeled training examples over the logged steps, in percent; None when every example was
+    labeled (or nothing was logged). Reads `labeled_fraction`, or `labelled_fraction` in older trainer states."""
+    shares = [next(entry[k] for k in LABELED_FRACTION_KEYS if k in entry) for entry in log_history
+              if any(k in entry for k in LABELED_FRACTION_KEYS)]
+    share = sum(shares) / len(shares) if shares else 1.0
+    return None if share >= 0.9995 else round(100 * share, 1)
+
+
+def hyperparameter_rows(config, args, teacher_update: str | None = None) -> list[tuple[str, object, bool]]:
     """`(name, value, differs_from_default)` for the card's hyper-parameter table.
 
-    Only the rows `args.method` used are shown. Values the model resolved (`w_kd`, `w_feature` and
-    `teacher_update`, whose defaults are None or "auto") come from `config` and `teacher_update`; they are bold
-    only when the user set them.
+    The distillation settings are shown as the model's `config` holds them, and only the rows its method used; the
+    training ones as `args` hold them. Values the model resolved (`w_kd` and `w_feature`, whose defaults are None,
+    and `teacher_update`, whose default is "auto") are shown resolved, and bold only when the user set them in
+    `args`.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING}
-    resolved = {"teacher_update": teacher_update}
-    if config is not None:
-        resolved.update(w_kd=config.w_kd, w_feature=config.w_feature)
-    used = _METHOD_ROWS.get(args.method, _SPECIFIC_ROWS)
-    if not (config.w_kd if config is not None else args.w_kd):
+    used = _METHOD_ROWS.get(config.method, _SPECIFIC_ROWS)
+    if not config.w_kd:
         used = used - {"kd_temperature"}  # no logit term, no temperature
     rows = []
-    for name in CARD_HYPERPARAMETERS:
+    for name in (*CONFIG_HYPERPARAMETERS, *TRAINING_HYPERPARAMETERS):
         if name in _SPECIFIC_ROWS and name not in used:
             continue
         given = getattr(args, name, None)
-        value = resolved.get(name) if resolved.get(name) is not None else given
-        value, given = (getattr(v, "value", v) for v in (value, given))  # enums such as optim, lr_scheduler_type
-        default = getattr(defaults.get(name), "value", defaults.get(name))
+        value = getattr(config, name) if name in CONFIG_HYPERPARAMETERS else given
+        if name == "teacher_update" and teacher_update:
+            value = teacher_update
+        # enums (method, optim, lr_scheduler_type) as their plain values
+        value, given, default = (getattr(v, "value", v) for v in (value, given, defaults.get(name)))
         rows.append((name, value, given != default))
     return rows
 
 
-def _metadata(facts: dict, card_data: MoMAModelCardData) -> ModelCardData:
+def _metadata(facts: dict, card_data: DistillationModelCardData) -> ModelCardData:
     metrics = facts["metrics"]
     results = [
         EvalResult(

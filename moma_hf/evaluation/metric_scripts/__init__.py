@@ -75,7 +75,15 @@ def _is_writable(folder: Path) -> bool:
 
 
 def _load_with_temp_cache(path: Path):
-    """Load the metric script at `path` like `evaluate.load`, with both caches in a temporary folder."""
+    """Load the metric script at `path` like `evaluate.load`, with both caches in a temporary folder.
+
+    The one place that uses `evaluate`'s loader internals (`evaluate.loading.init_dynamic_modules`,
+    `evaluation_module_factory`, `import_main_class`), because `evaluate` has no public API for this: `evaluate.load`
+    takes a `cache_dir` for the metric's data only, and always copies the script into the global
+    `HF_MODULES_CACHE`, which a read-only home cannot take. These are the calls `evaluate.load` itself makes, with
+    our folder in place of the global one. `test_metrics_load_offline_with_read_only_caches` runs this path for real,
+    so an `evaluate` upgrade that changes them breaks that test, not a training run.
+    """
     from evaluate.loading import evaluation_module_factory, import_main_class, init_dynamic_modules
 
     global _temp_cache
