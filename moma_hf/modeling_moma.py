@@ -110,7 +110,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         """
         if self.training:
             # Teacher first: its no-grad activations are freed before the student's forward, instead of
-            # sitting on top of the student's saved activations (benchmarks/memory.py).
+            # sitting on top of the student's saved activations (benchmarks/step_cost.py memory).
             if teacher_features is not None and self.teacher_update is not TeacherUpdate.FROZEN:
                 raise ValueError("Cached teacher features need a frozen teacher: a momentum teacher changes every "
                                  "step. Use --teacher_update frozen or drop --cache_teacher_features.")
