@@ -1,4 +1,5 @@
-"""moma-evaluate (examples/evaluate_model.py) on a real model and real patches: the bundled demo teacher on the demo validation split."""
+"""moma-evaluate (examples/evaluate_model.py) on a real model and real patches: the bundled demo teacher on the demo
+validation split."""
 
 import json
 import shutil
@@ -6,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NCT_CLASSES, shared_data
 from transformers import AutoModelForImageClassification
 
-from conftest import NCT_CLASSES, shared_data
-from moma_hf.data.transforms import load_rgb_image
+from moma_hf.data.transforms import build_eval_transform, load_rgb_image
 from moma_hf.evaluation.metrics import METRIC_KEYS
-from moma_hf.data.transforms import build_eval_transform
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_TEACHER = EXAMPLES / "demo_teacher"
@@ -145,7 +145,7 @@ def test_unreadable_images_are_skipped_counted_and_left_out_of_the_metrics(scrip
 def test_an_evaluation_with_more_unreadable_images_than_allowed_fails_however_short(script, tmp_path):
     # 3 of 41 files (7%) in three batches: far below the 100 images after which the collator checks.
     data = _with_unreadable_files(tmp_path)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"3 of 41 images \(7\.32%\).* in this "
-                                                  r"evaluation, more than the allowed 1\.00%.*--max_bad_image_fraction"):
+    too_many = r"3 of 41 images \(7\.32%\).* in this evaluation, more than the allowed 1\.00%.*--max_bad_image_fraction"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=too_many):
         run(script, data, tmp_path / "out")
     assert not (tmp_path / "out" / "eval_results.json").exists()

@@ -1,4 +1,5 @@
-"""The shipped `evaluate` metric modules (moma_hf/metrics) against values worked out by hand, and moma_hf.evaluation.metrics."""
+"""The shipped `evaluate` metric modules (moma_hf/evaluation/metric_scripts) against values worked out by hand, and
+moma_hf.evaluation.metrics and plots."""
 
 import json
 import math

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import NCT_CLASSES, REPO, id2label, timm_classifier
 from huggingface_hub import ModelCard
 
-from conftest import NCT_CLASSES, REPO, id2label, timm_classifier
 from moma_hf.configuration_distillation import DistillationConfig
 
 RUN_FLAGS = ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "8",
@@ -87,7 +87,8 @@ def test_kd_switched_off_by_integer_labels_is_logged_and_the_card_says_so(intege
                          "--output_dir", str(out)]
     with caplog.at_level(logging.WARNING):
         assert _distill().main(flags) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "is off for this run" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "is off for this run" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("loss_kd is off") and "'ADI'" in warnings[0] and "['0', '1'" in warnings[0]
 
@@ -107,7 +108,8 @@ def test_every_switched_off_term_has_a_reason():
     headless = DistillationConfig(**{**same, "teacher_id2label": None}, teacher_name_or_path="owkin/phikon")
     assert headless.switched_off_terms() == {
         "loss_kd": "the teacher owkin/phikon has no classifier head, so it gives no logits"}
-    assert DistillationConfig(**same, method="fitnet", w_feature=0).switched_off_terms() == {"loss_fitnet": "w_feature=0"}
+    fitnet = DistillationConfig(**same, method="fitnet", w_feature=0)
+    assert fitnet.switched_off_terms() == {"loss_fitnet": "w_feature=0"}
     assert DistillationConfig(**same, method="ce").switched_off_terms() == {}
 
 
@@ -119,8 +121,8 @@ def _card_text(model, tmp_path, log_history, **args):
     from moma_hf.evaluation.model_card import DistillationModelCardData, write_model_card
 
     state = TrainerState(global_step=3, log_history=log_history)
-    run = SimpleNamespace(distillation_model=model, state=state, model_card_data=None,
-                          args=DistillationTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", **args))
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", **args)
+    run = SimpleNamespace(distillation_model=model, state=state, model_card_data=None, args=args)
     return write_model_card(run, tmp_path / "run", DistillationModelCardData(image_size=64)).read_text()
 
 
