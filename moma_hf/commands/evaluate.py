@@ -40,6 +40,7 @@ from moma_hf.commands.parsing import parse_args
 from moma_hf.data import (
     UNREADABLE,
     PatchCollator,
+    PatchSourceArguments,
     build_eval_transform,
     check_local_source,
     label_names,
@@ -64,19 +65,13 @@ class ModelArguments:
 
 
 @dataclass
-class EvalDataArguments:
+class EvalDataArguments(PatchSourceArguments):
     """Which labeled images to evaluate on."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. 1aurent/NCT-CRC-HE."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    dataset_revision: str = field(default="main", metadata={"help": "Hub dataset revision."})
     data_dir: str | None = field(default=None, metadata={"help": "Local imagefolder, parquet or tar source."})
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
     streaming: bool = field(default=False, metadata={"help": "Stream the split instead of downloading it first."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N examples."})
-    max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
 
     def __post_init__(self):
         if bool(self.dataset_name) == bool(self.data_dir):

@@ -12,7 +12,7 @@ The public data API is exported here; the modules hold one step each:
 - `arguments`: the data flags, and the datasets and collators they describe.
 """
 
-from .arguments import DataArguments, build_collators, load_datasets
+from .arguments import DataArguments, PatchSourceArguments, build_collators, load_datasets
 from .collator import UNREADABLE, BadImageWarning, PatchCollator, TooManyBadImagesError, check_bad_fraction
 from .feature_cache import (
     TeacherFeatureCache,
@@ -44,6 +44,7 @@ __all__ = [
     "DataArguments",
     "EndlessStream",
     "PatchCollator",
+    "PatchSourceArguments",
     "TeacherFeatureCache",
     "TooManyBadImagesError",
     "add_row_index",

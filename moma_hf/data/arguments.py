@@ -11,24 +11,30 @@ from .unlabeled import load_unlabeled_patches, mix_labeled_and_unlabeled
 
 
 @dataclass
-class DataArguments:
-    """Where the labeled patches come from and how they are augmented."""
+class PatchSourceArguments:
+    """The flags every job that reads labeled patches shares: a Hub dataset, its columns, the bad-image limit."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. 1aurent/NCT-CRC-HE."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
     dataset_revision: str = field(default="main", metadata={"help": "Hub dataset revision."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
+
+
+@dataclass
+class DataArguments(PatchSourceArguments):
+    """Where the labeled patches come from and how they are augmented."""
+
     train_dir: str | None = field(default=None, metadata={"help": "Local imagefolder, parquet or tar source."})
     validation_dir: str | None = field(default=None, metadata={"help": "Local source of the evaluation split."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on."})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
     streaming: bool = field(default=False, metadata={"help": "Stream the training data (needs --max_steps)."})
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
     image_size: int | None = field(default=None, metadata={"help": "Crop size; default: the teacher's input."})
     randaugment: str = field(default="rand-n2-m10-mstd0.5", metadata={"help": "timm RandAugment string, or ''."})
     stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength (0 turns it off)."})
-    max_bad_image_fraction: float = field(default=0.01, metadata={"help": "Stop when more images are corrupt."})
     unlabeled_dir: str | None = field(
         default=None, metadata={"help": "Unlabeled patches to distil on as well: a folder of images (no class "
                                 "folders needed), or parquet/tar files without a label column."}
