@@ -184,7 +184,7 @@ class ResumeLearningRate(TrainerCallback):
 
 
 def last_healthy_checkpoint(output_dir: str, log_history: list[dict], logging_steps: int) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` saved before the logged training loss blew up, or None.
+    """The newest complete `checkpoint-N` in `output_dir` saved before the logged training loss blew up, or None.
 
     Finite is not healthy: weights of 1e21 still give a non-finite state at the next forward pass. The loss
     blew up at the first logged step whose loss is not finite or above `BLOWUP_FACTOR` x the first logged
@@ -196,7 +196,7 @@ def last_healthy_checkpoint(output_dir: str, log_history: list[dict], logging_st
     blowup = next((step for step, loss in losses if not math.isfinite(loss) or loss > BLOWUP_FACTOR * first), None)
     # checkpoint-N's weights first made the loss of step N + 1, and a logged loss averages `logging_steps` steps.
     healthy = [n for n in steps if blowup is None or n + max(int(logging_steps), 1) < blowup]
-    return os.path.join(output_dir, f"checkpoint-{healthy[-1]}") if healthy else None
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{healthy[-1]}") if healthy else None
 
 
 def _resume_advice(args, state) -> str:
