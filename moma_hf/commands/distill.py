@@ -15,20 +15,26 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from moma_hf import DistillationTrainer, DistillationTrainingArguments, Method, build_distillation_model
-from moma_hf.networks.backbones import input_size
+from moma_hf import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    Method,
+    TeacherUpdate,
+    build_distillation_model,
+)
 from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
-from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
 from moma_hf.data.feature_cache import attach_feature_cache
-from moma_hf.hub import check_push_access, push_student
-from moma_hf.training.launcher import notify_launcher
+from moma_hf.data.transforms import normalization_from_processor
+from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.evaluation.model_card import DistillationModelCardData
-from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
+from moma_hf.hub import check_push_access, push_student
+from moma_hf.networks.backbones import input_size
 from moma_hf.networks.students import SAME_AS_TEACHER, build_student
 from moma_hf.networks.teachers import load_teacher
-from moma_hf.data.transforms import normalization_from_processor
+from moma_hf.training.launcher import notify_launcher
+from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 logger = logging.get_logger("distill")
@@ -83,7 +89,7 @@ def cache_teacher_outputs(model, train_dataset, collator, args: DistillationTrai
     The main process builds the cache (the others wait, then open it) with the model's frozen teacher; `facts`
     are what else the cached crops depend on (image size, augmentation, teacher), checked when it is reused.
     """
-    if model.teacher is None or getattr(model, "teacher_update", "frozen") != "frozen":
+    if model.teacher is None or getattr(model, "teacher_update", TeacherUpdate.FROZEN) != TeacherUpdate.FROZEN:
         raise ValueError("--cache_teacher_features needs a frozen teacher: a momentum teacher changes every step, "
                          "and `ce` has none. Use --teacher_update frozen.")
     model.teacher.eval().to(args.device)
