@@ -13,7 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # The card templates stay in the top-level model_cards/ and ship inside the package as
-    # moma_hf/model_cards/, where moma_hf.evaluation.model_card looks first; metric scripts are plain files, not modules.
+    # moma_hf/model_cards/, where moma_hf.evaluation.model_card looks first; metric scripts are plain files,
+    # not modules.
     packages=find_packages(include=["moma_hf", "moma_hf.*"]) + ["moma_hf.model_cards"],
     package_dir={"moma_hf.model_cards": "model_cards"},
     package_data={"moma_hf": ["evaluation/metric_scripts/*/*.py"], "moma_hf.model_cards": ["*.j2"]},

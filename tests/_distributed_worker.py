@@ -55,7 +55,7 @@ sys.path.insert(0, str(TESTS))
 
 from conftest import NCT_CLASSES, demo_patch_files, tiny_vit  # noqa: E402
 
-from moma_hf import MoMAForDistillation, DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from moma_hf import DistillationTrainer, DistillationTrainingArguments, MoMAForDistillation  # noqa: E402
 from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image  # noqa: E402
 
 QUERY_MODULES = ("student", "query_head", "query_attention")

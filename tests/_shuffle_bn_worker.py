@@ -14,8 +14,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import moma_hf.modules.distributed as distributed  # noqa: E402
 from conftest import timm_classifier  # noqa: E402
+
+import moma_hf.modules.distributed as distributed  # noqa: E402
 from moma_hf.networks.backbones import pooled_features  # noqa: E402
 
 

@@ -4,18 +4,12 @@ from pathlib import Path
 
 import pytest
 
-# ---- data fixtures (issue 3: moma_hf/data.py, moma_hf/transforms.py) ------------------------------
+# ---- data fixtures (issue 3: moma_hf/data/) ---------------------------------------------------------
 # The bundled demo patches (examples/demo_data: nct-crc-mini's 129 real patches, split into train/ and
 # validation/) serve every test that needs only them; the larger sets live beside the repository, read-only
 # in CI (see ../shared/data/README.md), and the tests that need them skip where they are absent.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEMO_DATA = Path(__file__).resolve().parents[1] / "examples" / "demo_data"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "multiprocess: launches several processes with `accelerate launch` (slow)")
-    config.addinivalue_line("markers", "slow: runs a whole script or several processes; "
-                            "`pytest -m 'not slow'` is the fast tier")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,6 +59,7 @@ NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 def nct_tensors(nct_mini_dir):
     """All 129 nct-crc-mini patches at 64 px, ImageNet-normalised: `(pixel_values (129,3,64,64), labels (129,))`."""
     import torch
+
     from moma_hf.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, load_rgb_image
 
     transform = build_eval_transform(64)
@@ -102,8 +97,8 @@ def tiny_vit(names=NCT_CLASSES, classifier=True):
 @pytest.fixture
 def small_moma():
     """Factory: the distillation model of `method` (default MoMA) with small D and K around student and teacher."""
-    from moma_hf.networks.backbones import classifier_head
     from moma_hf.modeling_auto import distillation_model_class
+    from moma_hf.networks.backbones import classifier_head
 
     def build(student=None, teacher=None, **config):
         student = student or timm_classifier()
@@ -129,8 +124,8 @@ def make_trainer(small_moma, nct_mini_dir, output_dir, streaming=False, teacher=
     from moma_hf import DistillationTrainer, DistillationTrainingArguments
     from moma_hf.data.arguments import DataArguments, build_collators
     from moma_hf.data.loading import label_names, load_patch_dataset
-    from moma_hf.networks.students import build_student
     from moma_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from moma_hf.networks.students import build_student
 
     dataset = load_patch_dataset(str(nct_mini_dir), "train", streaming=streaming, seed=0)
     names = label_names(dataset)

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moma_hf.losses import crd_loss, dkd_loss, fitnet_loss, rkd_loss
-from moma_hf.losses import kd_loss
+from moma_hf.losses import crd_loss, dkd_loss, fitnet_loss, kd_loss, rkd_loss
 
 
 def _softmax(values):

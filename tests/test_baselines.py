@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_trainer
+
 from moma_hf.configuration_distillation import BASELINE_METHODS
 from moma_hf.modeling_baselines import BaselineForDistillation
 

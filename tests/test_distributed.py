@@ -42,9 +42,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, launch_command, launch_env, tiny_vit
+from safetensors.torch import load_file
 
 WORKER = REPO / "tests" / "_distributed_worker.py"
 B, STEPS, K = 4, 6, 32  # per-device batch, optimiser steps, queue size

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import NCT_CLASSES, make_trainer, timm_classifier, tiny_vit
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
 
-from conftest import NCT_CLASSES, make_trainer, timm_classifier, tiny_vit
 from moma_hf.evaluation.metrics import evaluate_and_save
 from moma_hf.evaluation.model_card import DistillationModelCardData
 from moma_hf.networks.teachers import TeacherLoadError, load_teacher

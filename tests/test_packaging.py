@@ -30,7 +30,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_ships_the_card_templates_and_metric_scripts(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {f"moma_hf/model_cards/{p.name}" for p in (REPO / "model_cards").glob("*.j2")}
-    metrics = {p.relative_to(REPO).as_posix() for p in (REPO / "moma_hf" / "evaluation" / "metric_scripts").glob("*/*.py")}
+    metric_dir = REPO / "moma_hf" / "evaluation" / "metric_scripts"
+    metrics = {p.relative_to(REPO).as_posix() for p in metric_dir.glob("*/*.py")}
     assert templates and templates <= names, templates - names
     assert metrics and metrics <= names, metrics - names
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, free_port, id2label, tiny_vit
 from hub_server import LoopbackHub
-from moma_hf.training import token_safety
+
 from moma_hf.commands.parsing import parse_args
 from moma_hf.data.arguments import DataArguments
 from moma_hf.hub import HubAccessError, check_push_access
 from moma_hf.networks.students import build_student
 from moma_hf.networks.teachers import load_teacher
+from moma_hf.training import token_safety
 from moma_hf.training_args import DistillationTrainingArguments
 
 TOKEN = "hf_FAKEsecurityTOKEN0123456789abcdef"

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import REPO, launch_two_processes, timm_classifier
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, launch_two_processes, timm_classifier
-from moma_hf.networks.backbones import pooled_features
 from moma_hf.modules.distributed import batch_statistics
+from moma_hf.networks.backbones import pooled_features
 
 
 @pytest.mark.multiprocess

@@ -6,12 +6,11 @@ import json
 import pytest
 import timm
 import torch
+from conftest import NCT_CLASSES, make_trainer
 from huggingface_hub import HfApi
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
-
-from conftest import NCT_CLASSES, make_trainer
 
 
 @pytest.fixture

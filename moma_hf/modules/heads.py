@@ -25,7 +25,8 @@ class FixedProjection(nn.Module):
     from every process) and projected on an orthonormal basis whose first rows are that batch's principal
     directions, completed with seeded random orthonormal directions when the batch has fewer samples than dims.
     When `in_dim <= out_dim` the map is a rotation padded with zeros, so no information is lost. Keys therefore
-    stay consistent for the whole run and the queue never goes stale. The basis is stored in buffers, so checkpoints restore it.
+    stay consistent for the whole run and the queue never goes stale. The basis is stored in buffers, so
+    checkpoints restore it.
     """
 
     def __init__(self, in_dim: int, out_dim: int):

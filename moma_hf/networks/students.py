@@ -13,8 +13,13 @@ import difflib
 
 import timm
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel, TimmWrapperConfig
-from transformers import TimmWrapperImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    TimmWrapperConfig,
+    TimmWrapperImageProcessor,
+)
 
 from .backbones import backbone_tensors
 from .model_names import ModelLoadError, check_hub_model

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, PreTrainedModel
 
+from ..data.transforms import normalization_from_processor
 from .backbones import CLS_TOKEN_MODEL_TYPES, classifier_head, feature_dim, input_size
 from .model_names import ModelLoadError, check_hub_model
-from ..data.transforms import normalization_from_processor
 
 logger = logging.getLogger(__name__)
 
