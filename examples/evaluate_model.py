@@ -1,4 +1,4 @@
-"""Evaluate an image classifier on a split of a labelled patch dataset (the `moma-evaluate` command).
+"""Evaluate an image classifier on a split of a labeled patch dataset (the `moma-evaluate` command).
 
     python examples/evaluate_model.py --model_name_or_path outputs/demo --data_dir examples/demo_data \
         --split validation --output_dir outputs/demo-eval

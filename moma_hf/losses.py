@@ -47,18 +47,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
-def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the labelled examples only; 0 (with a gradient path) when there are none.
+def labeled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labeled examples only; 0 (with a gradient path) when there are none.
 
     Args:
         logits: `(B, C)`.
-        labels: `(B,)` class indices, -1 for an unlabelled example.
+        labels: `(B,)` class indices, -1 for an unlabeled example.
     """
-    labelled = labels >= 0
+    labeled = labels >= 0
     per_example = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
     # No host sync: a batch without labels divides 0 by 1, and every parameter still gets a (zero) gradient,
     # which DDP needs when it does not search for unused parameters.
-    return (per_example * labelled).sum() / labelled.sum().clamp(min=1)
+    return (per_example * labeled).sum() / labeled.sum().clamp(min=1)
 
 def dkd_loss(
     student_logits: torch.Tensor,

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_distillation import BaselineDistillationConfig, Method, TeacherUpdate
-from .losses import crd_loss, dkd_loss, fitnet_loss, kd_loss, labelled_cross_entropy, rkd_loss
+from .losses import crd_loss, dkd_loss, fitnet_loss, kd_loss, labeled_cross_entropy, rkd_loss
 from .modeling_distillation import DistillationPreTrainedModel
 from .modules.key_queue import KeyQueue
 from .networks.backbones import feature_dim, pooled_features
@@ -113,7 +113,7 @@ class BaselineForDistillation(DistillationPreTrainedModel):
             teacher_features, teacher_logits = self.teacher_outputs(
                 pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
-        loss_ce = labelled_cross_entropy(logits, labels) if labels is not None else logits.new_zeros(())
+        loss_ce = labeled_cross_entropy(logits, labels) if labels is not None else logits.new_zeros(())
         if not self.training:
             return DistillationOutput(loss=self.config.w_ce * loss_ce, logits=logits)
         config, keys = self.config, None
@@ -131,11 +131,11 @@ class BaselineForDistillation(DistillationPreTrainedModel):
         return DistillationOutput(loss=loss, logits=logits, contrastive_keys=keys, **terms)
 
     def _dkd_term(self, logits, teacher_logits, labels) -> torch.Tensor:
-        """DKD over the labelled examples (its target/non-target split needs the label); 0 when none is."""
-        labelled = labels >= 0
-        if not labelled.any():
+        """DKD over the labeled examples (its target/non-target split needs the label); 0 when none is."""
+        labeled = labels >= 0
+        if not labeled.any():
             return logits.sum() * 0.0  # keeps every parameter in the graph for DDP
-        return dkd_loss(logits[labelled], teacher_logits[labelled], labels[labelled],
+        return dkd_loss(logits[labeled], teacher_logits[labeled], labels[labeled],
                         temperature=self.config.kd_temperature)
 
     def _feature_term(self, features, teacher_features) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_distillation import MoMAConfig, TeacherUpdate
-from .losses import info_nce, kd_loss, labelled_cross_entropy
+from .losses import info_nce, kd_loss, labeled_cross_entropy
 from .modeling_distillation import DistillationPreTrainedModel
 from .modules.distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .modules.heads import BatchAttention, FixedProjection, ProjectionHead
@@ -117,7 +117,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             keys, teacher_logits = self._keys(pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)
         zero = logits.new_zeros((), dtype=torch.float32)
-        loss_ce = labelled_cross_entropy(logits, labels) if labels is not None else zero
+        loss_ce = labeled_cross_entropy(logits, labels) if labels is not None else zero
         if not self.training:
             # Only loss and logits, so the Trainer's prediction step hands compute_metrics the bare logits.
             return MoMAOutput(loss=self.config.w_ce * loss_ce, logits=logits)

@@ -68,7 +68,7 @@ def test_ce_needs_no_teacher_flag_and_takes_the_students_image_size(tmp_path, mo
 
 
 @pytest.fixture
-def integer_labelled_parquet(tmp_path):
+def integer_labeled_parquet(tmp_path):
     """The demo training patches as parquet whose label column holds plain integers 0..8 (no class names)."""
     files = sorted((REPO / "examples" / "demo_data" / "train").glob("*/*.jpg"))
     table = pa.table({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files],
@@ -78,11 +78,11 @@ def integer_labelled_parquet(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_kd_switched_off_by_integer_labels_is_logged_and_the_card_says_so(integer_labelled_parquet, tmp_path,
+def test_kd_switched_off_by_integer_labels_is_logged_and_the_card_says_so(integer_labeled_parquet, tmp_path,
                                                                          monkeypatch, caplog):
     monkeypatch.chdir(REPO)
     out = tmp_path / "moma"
-    flags = RUN_FLAGS + ["--train_dir", str(integer_labelled_parquet), "--validation_split", "", "--image_size", "112",
+    flags = RUN_FLAGS + ["--train_dir", str(integer_labeled_parquet), "--validation_split", "", "--image_size", "112",
                          "--teacher_model_name_or_path", "examples/demo_teacher", "--queue_size", "64",
                          "--output_dir", str(out)]
     with caplog.at_level(logging.WARNING):

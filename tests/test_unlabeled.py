@@ -13,18 +13,18 @@ from conftest import NCT_CLASSES, REPO
 from PIL import Image
 
 from moma_hf.data import UNLABELED, load_unlabeled_patches, mix_labeled_and_unlabeled, shard_for_process
-from moma_hf.losses import info_nce, kd_loss, labelled_cross_entropy
+from moma_hf.losses import info_nce, kd_loss, labeled_cross_entropy
 from moma_hf.networks.backbones import pooled_features
 
 
-def test_labelled_cross_entropy_averages_over_the_labeled_examples_only():
+def test_labeled_cross_entropy_averages_over_the_labeled_examples_only():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 1.0]])
     labels = torch.tensor([0, -1, 2, -1])
     # by hand: -log softmax(row 0)[0] and -log softmax(row 2)[2], averaged over those two
     row0 = -(2.0 - torch.log(torch.exp(torch.tensor([2.0, 0.0, -1.0])).sum()))
     row2 = -(1.0 - torch.log(torch.exp(torch.tensor([0.0, 3.0, 1.0])).sum()))
-    torch.testing.assert_close(labelled_cross_entropy(logits, labels), (row0 + row2) / 2)
-    assert labelled_cross_entropy(logits, torch.full((4,), -1)).item() == 0.0
+    torch.testing.assert_close(labeled_cross_entropy(logits, labels), (row0 + row2) / 2)
+    assert labeled_cross_entropy(logits, torch.full((4,), -1)).item() == 0.0
 
 
 def test_a_mixed_batch_trains_ce_on_its_labels_and_kd_and_moma_on_every_example(small_moma, nct_tensors):

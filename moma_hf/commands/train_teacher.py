@@ -1,4 +1,4 @@
-"""`moma-train-teacher`: train a supervised teacher image classifier on any labelled patch dataset, ready for
+"""`moma-train-teacher`: train a supervised teacher image classifier on any labeled patch dataset, ready for
 distillation.
 
     moma-train-teacher --model_name_or_path timm/resnet50.a1_in1k --dataset_name 1aurent/NCT-CRC-HE \

@@ -2,7 +2,7 @@
 
 An unlabeled example carries the label `UNLABELED` (-1), the value `datasets.ClassLabel` reserves for "no
 label", so labeled and unlabeled examples share one schema and flow through the same collator, trainer
-and distributed path. The cross-entropy term skips them (`losses.labelled_cross_entropy`); the teacher's
+and distributed path. The cross-entropy term skips them (`losses.labeled_cross_entropy`); the teacher's
 soft labels and the contrastive term need no ground truth and use every example.
 """
 
