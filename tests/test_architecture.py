@@ -6,6 +6,7 @@ These rules are in DESIGN.md section 2 and issue 15; a change that breaks one fa
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,19 @@ def test_the_top_level_holds_about_a_dozen_modules():
     assert len(modules) <= 12, modules
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert folders == ["commands", "data", "evaluation", "modules", "networks", "training"], folders
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's library example is what a newcomer copies first: run it, shortened to two steps."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1, "the README should hold exactly one Python example"
+    shortened = {'output_dir="out"': f'output_dir="{tmp_path / "out"}"', "max_steps=500": "max_steps=2",
+                 "queue_size=4096": 'queue_size=64, report_to="none", save_strategy="no"'}
+    code = blocks[0]
+    for old, new in shortened.items():
+        assert old in code, f"the README example changed; update this test's shortening of {old!r}"
+        code = code.replace(old, new)
+    monkeypatch.chdir(REPO)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
