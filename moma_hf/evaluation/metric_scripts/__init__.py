@@ -1,9 +1,9 @@
 """Classification metrics shipped with moma-hf as `evaluate` modules, loaded from their path, so they work offline.
 
-Each metric is a script ``moma_hf/evaluation/metric_scripts/<name>/<name>.py`` holding one :class:`evaluate.Metric` whose
-``_compute`` is plain numpy. ``evaluate.load("accuracy")`` would fetch a script from the Hub (and the evaluate
-wheel ships none); :func:`load_metric` instead gives ``evaluate.load`` the script's local path, which needs no
-network::
+Each metric is a script ``moma_hf/evaluation/metric_scripts/<name>/<name>.py`` holding one
+:class:`evaluate.Metric` whose ``_compute`` is plain numpy. ``evaluate.load("accuracy")`` would fetch a script
+from the Hub (and the evaluate wheel ships none); :func:`load_metric` instead gives ``evaluate.load`` the
+script's local path, which needs no network::
 
     from moma_hf.evaluation.metric_scripts import load_metric
     load_metric("cohen_kappa").compute(predictions=[0, 1, 2], references=[0, 2, 2], weights="quadratic")
