@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+import torch
 from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, PretrainedConfig
 
 
@@ -83,6 +84,19 @@ def parse_mode(enum_type: type[_StrEnum], name: str, value: Any) -> _StrEnum:
         raise ValueError(f"{name}={value!r} (--{name}) is not one of {', '.join(enum_type)}.") from None
 
 
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_teacher_dtype(value: str) -> str:
+    """The canonical name (`float32`, `bfloat16`, `float16`) of a teacher precision flag, aliases included."""
+    name = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+    if name not in TEACHER_DTYPES:
+        raise ValueError(f"teacher_dtype={value!r} (--teacher_dtype) is not one of float32, bfloat16, float16 "
+                         "(or fp32, bf16, fp16).")
+    return name
+
+
 @dataclass
 class DistillationSettings:
     """The distillation hyper-parameters, under the config's names, each declared and validated here only.
@@ -129,12 +143,18 @@ class DistillationSettings:
                                  "across processes (MoCo's Shuffle-BN) instead of running statistics."}
     )
 
+    teacher_dtype: str = field(
+        default="float32", metadata={"help": "Precision of a frozen teacher's weights and forward: float32, bfloat16 "
+                                     "or float16 (also fp32/bf16/fp16). Keys, queue and cached features stay float32."}
+    )
+
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)  # e.g. TrainingArguments' in DistillationTrainingArguments
         if parent is not None:
             parent()
         self.method = parse_mode(Method, "method", self.method)
         self.teacher_update = parse_mode(TeacherUpdate, "teacher_update", self.teacher_update)
+        self.teacher_dtype = parse_teacher_dtype(self.teacher_dtype)
         heads = self.num_attention_heads
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"num_attention_heads={heads} (--attention_heads) must be a positive integer that "
@@ -258,6 +278,11 @@ class DistillationConfig(PretrainedConfig):
             raise ValueError(
                 f"queue_size={self.queue_size} is smaller than the global batch ({self.global_batch_size} = "
                 "per-device batch x processes x accumulation): raise queue_size or lower the batch."
+            )
+        if self.teacher_dtype != "float32" and self.teacher_update is TeacherUpdate.MOMENTUM:
+            raise ValueError(
+                f"teacher_dtype={self.teacher_dtype} is for frozen teachers: a momentum teacher is an EMA of the "
+                "student, which needs float32 weights. Use --teacher_update frozen or --teacher_dtype float32."
             )
         if self.w_kd > 0 and not self.same_label_space:
             raise ValueError(

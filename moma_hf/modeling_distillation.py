@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
 
-from .configuration_distillation import DistillationConfig, Method, parse_mode, refuse_other_method
+from .configuration_distillation import TEACHER_DTYPES, DistillationConfig, Method, parse_mode, refuse_other_method
 from .modules.key_queue import KeyQueue
 from .networks.backbones import pooled_features
+from .networks.teacher_presets import instantiate
 
 
 class DistillationPreTrainedModel(PreTrainedModel):
@@ -68,6 +69,7 @@ class DistillationPreTrainedModel(PreTrainedModel):
                 config.build_teacher_config(), config.teacher_id2label is not None
             )
             self.teacher.requires_grad_(False)
+            self.teacher.to(dtype=TEACHER_DTYPES[config.teacher_dtype])
 
     def post_init(self) -> None:
         """transformers' post-init, then keep the key queues out of DDP's per-step buffer broadcast."""
@@ -101,7 +103,10 @@ class DistillationPreTrainedModel(PreTrainedModel):
         """
         if teacher_features is not None:
             return teacher_features, teacher_logits
-        return pooled_features(self.teacher, pixel_values if teacher_pixel_values is None else teacher_pixel_values)
+        images = pixel_values if teacher_pixel_values is None else teacher_pixel_values
+        # A bf16/fp16 teacher (--teacher_dtype) runs in its own precision; what it hands on is float32.
+        features, logits = pooled_features(self.teacher, images.to(next(self.teacher.parameters()).dtype))
+        return features.float(), logits.float() if logits is not None else None
 
     @property
     def queue_fill(self) -> float | None:
@@ -125,4 +130,4 @@ class DistillationPreTrainedModel(PreTrainedModel):
 def build_network(config, classifier: bool) -> PreTrainedModel:
     """A student or teacher rebuilt from its own config (random weights; checkpoints load over them)."""
     auto = AutoModelForImageClassification if classifier else AutoModel
-    return auto.from_config(config)
+    return instantiate(auto.from_config, config)  # a preset's constructor classes come back here

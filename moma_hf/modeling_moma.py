@@ -72,13 +72,19 @@ class MoMAForDistillation(DistillationPreTrainedModel):
                 "shuffle_bn applies to momentum teachers only: a frozen teacher keeps its BatchNorm running "
                 "statistics, so no batch statistics can leak. Drop --shuffle_bn or use a momentum teacher."
             )
-        dim = config.projection_dim
-        self.query_head = ProjectionHead(feature_dim(self.student), dim)
+        dim, student_dim, teacher_dim = config.projection_dim, feature_dim(self.student), feature_dim(self.teacher)
+        self.query_head = ProjectionHead(student_dim, dim)
         if self.teacher_update is TeacherUpdate.MOMENTUM:
-            self.key_head = ProjectionHead(feature_dim(self.teacher), dim)
+            if teacher_dim != student_dim:
+                raise ValueError(
+                    f"A momentum teacher reads its feature as the student does, but this teacher's embedding has "
+                    f"{teacher_dim} dims and the student's {student_dim} (a preset's embedding recipe, such as "
+                    "cls+mean_patch, widens it). Use --teacher_update frozen."
+                )
+            self.key_head = ProjectionHead(teacher_dim, dim)
             self.key_head.load_state_dict(self.query_head.state_dict())
         else:
-            self.key_head = FixedProjection(feature_dim(self.teacher), dim)
+            self.key_head = FixedProjection(teacher_dim, dim)
         attention = nn.Identity
         if config.use_attention:
             attention = lambda: BatchAttention(dim, config.num_attention_heads, config.attention_residual)  # noqa: E731

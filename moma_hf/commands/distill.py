@@ -62,7 +62,8 @@ def load_run_teacher(args: DistillationTrainingArguments):
             args.teacher_model_name_or_path = None  # so no config, card or saved argument names an unused teacher
         return None
     return load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
-                        trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs)
+                        trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs,
+                        dtype=args.teacher_dtype)
 
 
 def build_model(args: DistillationTrainingArguments, teacher, labels: list[str], image_size: int | None):
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     prepare_output_dir(args, args.overwrite_output_dir)  # with --overwrite_output_dir: delete the old run now
     if args.cache_teacher_features:
         facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
+                 "teacher_dtype": args.teacher_dtype,
                  "image_size": image_size, "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
         train_dataset = cache_teacher_outputs(model, train_dataset, train_collator, args, facts)
     card = DistillationModelCardData(

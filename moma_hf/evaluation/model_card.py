@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..networks.teacher_presets import PRESET_ATTRIBUTE, find_preset
 from .plots import plot_training_curves
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # moma_hf/
@@ -81,6 +82,8 @@ class DistillationModelCardData:
         eval_split: name of the split the metrics come from.
         dataset_citation: attribution text for the data, when its licence asks for one.
         extra_tags: tags beyond the standard ones.
+        teacher_probe, student_probe: linear-probe scores (`moma_hf.evaluation.linear_probe`) of the teacher
+            before and the student after distillation, when the run measured them.
     """
 
     dataset_id: str | None = None
@@ -90,6 +93,8 @@ class DistillationModelCardData:
     eval_split: str = "validation"
     dataset_citation: str | None = None
     extra_tags: list[str] = field(default_factory=list)
+    teacher_probe: dict | None = None
+    student_probe: dict | None = None
 
 
 def write_model_card(trainer, output_dir: str | Path, card_data: DistillationModelCardData | None = None) -> Path:
@@ -133,6 +138,9 @@ def gather_facts(model, args, state, card_data: DistillationModelCardData) -> di
         labels=[config.id2label[i] for i in sorted(config.id2label)],
         **teacher_facts(config),
         teacher_revision=config.teacher_revision,
+        teacher_preset=teacher_preset_name(config) if config.method.uses_teacher else None,
+        teacher_embedding=teacher_embedding(config),
+        linear_probe=probe_line(card_data),
         teacher_update=model.teacher_update,
         same_label_space=config.same_label_space,
         w_kd=config.w_kd,
@@ -174,11 +182,34 @@ def teacher_facts(config) -> dict:
     """`distilled`, and the teacher as named in the card: `teacher` (a Hub id, or a local folder's name),
     `teacher_url` (None for a local folder) and `teacher_link` (markdown). A `ce` run names no teacher."""
     name = config.teacher_name_or_path if config.method.uses_teacher else None
-    repo = hub_id(name)
+    preset = find_preset(teacher_preset_name(config)) if name else None
+    repo = preset.hub_id if preset else hub_id(name)
     shown = repo or (Path(name).name if name else None)
     link = f"[`{repo}`](https://huggingface.co/{repo})" if repo else f"`{shown}` (a local model)"
     return dict(distilled=name is not None, teacher=shown, teacher_url=f"https://huggingface.co/{repo}" if repo
                 else None, teacher_link=link if name else None)
+
+
+def teacher_preset_name(config) -> str | None:
+    """The foundation-model preset the teacher was loaded by (stored in its config), or None."""
+    return (config.teacher_config or {}).get(PRESET_ATTRIBUTE)
+
+
+def teacher_embedding(config) -> str | None:
+    """How the teacher's feature was read, for the card: "cls+mean_patch, 2560-d, bfloat16"; None without a
+    preset or teacher."""
+    preset = find_preset(teacher_preset_name(config)) if config.method.uses_teacher else None
+    if preset is None:
+        return None
+    return f"{preset.embedding.value}, {preset.embedding_dim}-d, {config.teacher_dtype}"
+
+
+def probe_line(card_data) -> str | None:
+    """"teacher linear probe: 0.912; student: 0.874" (balanced accuracy), from what the run measured."""
+    parts = [f"{who} linear probe: {scores['balanced_accuracy']:.3f}"
+             for who, scores in (("teacher", card_data.teacher_probe), ("student", card_data.student_probe))
+             if scores]
+    return "; ".join(parts) or None
 
 
 def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:

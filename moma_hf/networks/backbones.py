@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .teacher_presets import RECIPE_ATTRIBUTE, EmbeddingRecipe
+
 # Backbones whose `pooler_output` is a trained-or-not dense+tanh layer rather than a pooling: their feature is
 # the normalised CLS token (as Phikon and other ViT pathology models document).
 CLS_TOKEN_MODEL_TYPES = frozenset({"vit", "deit", "vit_msn", "vit_mae", "beit", "data2vec-vision"})
@@ -82,11 +84,38 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch
             logits = model(pixel_values=pixel_values).logits
         return store["features"].flatten(1), logits
     outputs = model(pixel_values=pixel_values)
+    recipe = getattr(model.config, RECIPE_ATTRIBUTE, None) or EmbeddingRecipe.POOLED
+    if recipe != EmbeddingRecipe.POOLED:
+        return embedding_from_tokens(outputs.last_hidden_state, recipe, num_prefix_tokens(model)), None
     pooled = getattr(outputs, "pooler_output", None)
     if pooled is None or getattr(model.config, "model_type", None) in CLS_TOKEN_MODEL_TYPES:
         hidden = outputs.last_hidden_state
         pooled = hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
     return pooled.flatten(1), None
+
+
+def embedding_from_tokens(tokens: torch.Tensor, recipe: str, prefix_tokens: int) -> torch.Tensor:
+    """A backbone's embedding from its last hidden state by `recipe` (see `EmbeddingRecipe`).
+
+    Args:
+        tokens: `(B, N, d)` normalized tokens, the class token first, then `prefix_tokens - 1` registers.
+        recipe: `cls` gives `(B, d)`; `cls+mean_patch` gives `(B, 2d)`, the class token then the mean of the
+            `N - prefix_tokens` patch tokens.
+    """
+    recipe = EmbeddingRecipe(recipe)
+    if recipe == EmbeddingRecipe.CLS:
+        return tokens[:, 0]
+    if recipe == EmbeddingRecipe.CLS_MEAN_PATCH:
+        return torch.cat([tokens[:, 0], tokens[:, prefix_tokens:].mean(dim=1)], dim=-1)
+    raise ValueError(f"embedding recipe {recipe.value!r} is not read from tokens")
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the patch tokens in a ViT's output: the class token plus any registers."""
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None:
+        return int(getattr(timm_model, "num_prefix_tokens", 1))
+    return 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
 
 
 def input_size(model: nn.Module, default: int = 224) -> int:

@@ -73,8 +73,9 @@ def _download_config(repo, revision, token, what, revision_flag, error) -> None:
     try:
         hf_hub_download(repo, "config.json", revision=revision, token=token)
     except GatedRepoError as err:
-        raise error(f"{what} {where} is gated. Accept its conditions on its Hub page, then log in with "
-                    "`hf auth login` or set HF_TOKEN (a token with read access), and run again.") from err
+        raise error(f"{what} {where} is gated. Request access on its Hub page, {constants.ENDPOINT}/{repo}, then "
+                    "set HF_TOKEN to a read token of the account that was granted access (or run `hf auth login`), "
+                    "and run again.") from err
     except RevisionNotFoundError as err:
         raise error(f"{what} {repo!r} has no revision {revision!r}: check {revision_flag}.") from err
     except RepositoryNotFoundError as err:
