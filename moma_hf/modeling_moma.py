@@ -212,11 +212,12 @@ def resolve_teacher_update(mode: str, student: nn.Module, teacher: nn.Module) ->
     Raises a ValueError when "momentum" is asked for two backbones that cannot track each other.
     """
     mode = TeacherUpdate(mode)
-    same = [tuple(t.shape) for t in backbone_tensors(student)] == [tuple(t.shape) for t in backbone_tensors(teacher)]
-    same = same and feature_dim(student) == feature_dim(teacher)
+    twins = [tuple(t.shape) for t in backbone_tensors(student)] == [tuple(t.shape) for t in backbone_tensors(teacher)]
     if mode is TeacherUpdate.AUTO:
+        same = twins and feature_dim(student) == feature_dim(teacher)
         return TeacherUpdate.MOMENTUM if same else TeacherUpdate.FROZEN
-    if mode is TeacherUpdate.MOMENTUM and not same:
+    # Twins whose features differ in width (a preset's recipe) are refused by MoMAForDistillation, naming the recipe.
+    if mode is TeacherUpdate.MOMENTUM and not twins:
         raise ValueError(
             "teacher_update='momentum' needs a student with the teacher's architecture (the teacher becomes an EMA "
             "of the student), but their backbone parameters differ. Use student 'same-as-teacher', or "
