@@ -187,11 +187,12 @@ def test_each_preset_loads_its_scaled_model_from_the_hub_with_the_cards_embeddin
     preset = PRESETS[name]
     teacher = load_teacher(name, token=TOKEN)
     assert teacher.preset is preset and teacher.model.config.teacher_preset == name
-    assert (teacher.feature_dim, tuple(teacher.mean), tuple(teacher.std)) == (CARDS[name][2], *CARDS[name][0])
+    width = TIMM_SMALL["embed_dim"] if preset.library == "timm" else TRANSFORMERS_SMALL["hidden_size"]
+    scaled_dim = width * (2 if CARDS[name][1] != CLS else 1)  # the full-size model's is CARDS[name][2]
+    assert (teacher.feature_dim, tuple(teacher.mean), tuple(teacher.std)) == (scaled_dim, *CARDS[name][0])
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert_loaded_as_saved(name, teacher, scaled)
-    width = TIMM_SMALL["embed_dim"] if preset.library == "timm" else TRANSFORMERS_SMALL["hidden_size"]
-    assert card_embedding(name, scaled, demo_patch(name)).shape[-1] == width * (2 if CARDS[name][1] != CLS else 1)
+    assert card_embedding(name, scaled, demo_patch(name)).shape[-1] == scaled_dim
     if preset.library == "timm" and CARDS[name][1] == CLS:  # these cards call model(image) for the embedding
         with torch.no_grad():
             torch.testing.assert_close(pooled_features(teacher.model, demo_patch(name))[0], scaled(demo_patch(name)))
@@ -211,7 +212,8 @@ def test_a_loader_without_the_cards_swiglu_classes_is_caught(hub, monkeypatch, c
 
 # ---- 3. resolution -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spelling", ["uni2-h", "UNI2-H", "MahmoodLab/UNI2-h", "mahmoodlab/uni2-h",
-                                      "hf-hub:MahmoodLab/UNI2-h", "hf-hub:MAHMOODLAB/uni2-H"])
+                                      "hf-hub:MahmoodLab/UNI2-h", "hf-hub:MAHMOODLAB/uni2-H",
+                                      "hf_hub:MahmoodLab/UNI2-h"])  # timm also takes the underscore
 def test_a_preset_is_found_by_short_name_or_hub_id_in_any_case(spelling):
     assert find_preset(spelling) is PRESETS["uni2-h"]
 

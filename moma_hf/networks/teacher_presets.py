@@ -132,12 +132,13 @@ def preset_of(config: PretrainedConfig) -> TeacherPreset | None:
 
 
 def find_preset(name_or_path: str | None) -> TeacherPreset | None:
-    """The preset called `name_or_path` (short name or Hub id, case-insensitive, `hf-hub:` allowed), or None."""
+    """The preset called `name_or_path` (short name or Hub id, any case, with or without timm's `hf-hub:`), or
+    None."""
     from .preset_registry import PRESETS  # the registry imports this module for its classes
 
     if not name_or_path:
         return None
-    key = name_or_path.removeprefix("hf-hub:").lower()
+    key = name_or_path.removeprefix("hf-hub:").removeprefix("hf_hub:").lower()  # timm takes both spellings
     return next((p for p in PRESETS.values() if key in (p.name.lower(), p.hub_id.lower())), None)
 
 

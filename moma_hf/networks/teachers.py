@@ -106,7 +106,7 @@ def load_teacher(
         model=model,
         name_or_path=name_or_path,
         revision=revision,
-        feature_dim=preset.embedding_dim if preset else _feature_dim(model, name_or_path),
+        feature_dim=_feature_dim(model, name_or_path),
         mean=list(preset.mean if preset else mean),
         std=list(preset.std if preset else std),
         input_size=preset.input_size if preset else input_size(model),
