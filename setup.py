@@ -38,13 +38,14 @@ setup(
         "tensorboard>=2.15,<3",
         "scipy>=1.11,<2",  # moma-compare's confidence intervals
     ],
-    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.8,<1"]},
+    extras_require={"dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.8,<1", "scikit-learn>=1.3,<2"]},
     entry_points={
         "console_scripts": [
             "moma-distill = moma_hf.commands.distill:main",
             "moma-train-teacher = moma_hf.commands.train_teacher:main",
             "moma-evaluate = moma_hf.commands.evaluate:main",
             "moma-compare = moma_hf.commands.compare:main",
+            "moma-probe = moma_hf.commands.probe:main",
         ]
     },
 )
