@@ -10,6 +10,7 @@
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
@@ -23,10 +24,12 @@ from moma_hf import (
     build_distillation_model,
 )
 from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
+from moma_hf.commands.probe import check_probe_data, probe_model, write_results
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
 from moma_hf.data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
 from moma_hf.data.feature_cache import attach_feature_cache
 from moma_hf.data.transforms import normalization_from_processor
+from moma_hf.evaluation.linear_probe import ProbeSettings
 from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.evaluation.model_card import DistillationModelCardData
 from moma_hf.hub import check_push_access, push_student
@@ -47,6 +50,35 @@ class CardArguments:
     license: str = field(default="other", metadata={"help": "Licence of the distilled weights."})
     dataset_display_name: str | None = field(default=None, metadata={"help": "Human name of the dataset."})
     dataset_citation: str | None = field(default=None, metadata={"help": "Attribution text for the data."})
+
+
+@dataclass
+class ProbeArguments(ProbeSettings):
+    """When to run the linear probe (`moma-probe`'s protocol, whose settings these fields inherit)."""
+
+    probe_teacher: bool = field(
+        default=False, metadata={"help": "Before distilling, linear-probe the teacher's embedding (fitted on the "
+                                 "labeled training split, scored on the evaluation split); the card records it."}
+    )
+    probe_student: bool = field(
+        default=False, metadata={"help": "Linear-probe the student's embedding before and after distilling, with "
+                                 "the same protocol; the card records both."}
+    )
+
+
+def run_probe(who: str, network, normalization, image_size: int, data_args: DataArguments,
+              probe_args: ProbeArguments, args: DistillationTrainingArguments) -> dict | None:
+    """Linear-probe `network` on the main process (None on the others): log the scores, write them to
+    `OUTPUT_DIR/probe_<who>.json` and return them."""
+    if args.process_index != 0:
+        return None
+    results = probe_model(network, *normalization, image_size, data_args, probe_args,
+                          args.per_device_eval_batch_size, args.device, args.dataloader_num_workers)
+    path = write_results(args.output_dir, results, f"probe_{who}.json")
+    shown = {"student_initial": "student before distillation"}.get(who, who)
+    logger.warning(f"Linear probe of the {shown} ({results['protocol']}): balanced accuracy "
+                   f"{results['balanced_accuracy']:.4f}, macro-F1 {results['macro_f1']:.4f} ({path.name}).")
+    return results
 
 
 def needs_teacher(args: DistillationTrainingArguments) -> bool:
@@ -108,9 +140,11 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     `default_config` is a YAML file used when no data flag and no `--config` is given (`examples/distill.py`
     passes the bundled demo's).
     """
-    data_args, card_args, args = parse_args((DataArguments, CardArguments, DistillationTrainingArguments), argv,
-                                            default_config)
+    data_args, card_args, probe_args, args = parse_args(
+        (DataArguments, CardArguments, ProbeArguments, DistillationTrainingArguments), argv, default_config)
     check_streaming_has_max_steps(data_args, args)
+    if probe_args.probe_teacher or probe_args.probe_student:
+        check_probe_data(data_args)  # a stream or a missing evaluation split fails now, not after loading
     if needs_teacher(args) and not args.teacher_model_name_or_path:
         raise ValueError(f"--method {args.method} needs a teacher: give --teacher_model_name_or_path (Hub id or local "
                          "folder), or use --method ce to train the student on its labels alone.")
@@ -120,20 +154,27 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     teacher = load_run_teacher(args)
     train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
     model, processor, image_size = build_model(args, teacher, labels, data_args.image_size)
+    student_norm = normalization_from_processor(processor)
     train_collator, eval_collator = build_collators(
-        data_args, image_size, len(labels), normalization_from_processor(processor),
+        data_args, image_size, len(labels), student_norm,
         (teacher.mean, teacher.std) if model.teacher is not None else None, seed=args.seed,
     )
     prepare_output_dir(args, args.overwrite_output_dir)  # with --overwrite_output_dir: delete the old run now
+    probe = partial(run_probe, image_size=image_size, data_args=data_args, probe_args=probe_args, args=args)
+    probes = {}
+    if probe_args.probe_teacher and model.teacher is not None:
+        probes["teacher_probe"] = probe("teacher", teacher.model, (teacher.mean, teacher.std))
+    if probe_args.probe_student:
+        probes["student_initial_probe"] = probe("student_initial", model.student, student_norm)
     if args.cache_teacher_features:
         facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
-                 "teacher_dtype": args.teacher_dtype,
-                 "image_size": image_size, "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
+                 "teacher_dtype": args.teacher_dtype, "image_size": image_size,
+                 "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
         train_dataset = cache_teacher_outputs(model, train_dataset, train_collator, args, facts)
     card = DistillationModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
         dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,
-        eval_split=data_args.validation_split, dataset_citation=card_args.dataset_citation,
+        eval_split=data_args.validation_split, dataset_citation=card_args.dataset_citation, **probes,
     )
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -152,13 +193,20 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     trainer.save_state()  # trainer_state.json: the log history (loss terms, data_wait_fraction) for later reading
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
+    if probe_args.probe_student:
+        card.student_probe = probe("student", model.student, student_norm)
+    export(trainer, args)
+    return 0
+
+
+def export(trainer: DistillationTrainer, args: DistillationTrainingArguments) -> None:
+    """Save the student and its card, and push them when asked."""
     trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
     trainer.create_model_card()
     if args.push_to_hub:
         message = (f"Student distilled from {args.teacher_model_name_or_path} ({args.method})"
                    if args.method.uses_teacher else f"Student trained on its labels alone ({Method.CE})")
         push_student(trainer, message)
-    return 0
 
 
 if __name__ == "__main__":

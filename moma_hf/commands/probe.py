@@ -129,9 +129,9 @@ def probe_model(model, mean, std, image_size: int, data_args: DataArguments, set
             "protocol": PROBE_PROTOCOL, "settings": dataclasses.asdict(settings)}
 
 
-def write_results(output_dir: str | Path, results: dict) -> Path:
-    """Write `results` as `probe_results.json` in `output_dir` (created) and return the file's path."""
-    path = Path(output_dir) / RESULTS_FILE
+def write_results(output_dir: str | Path, results: dict, file_name: str = RESULTS_FILE) -> Path:
+    """Write `results` as `file_name` (`probe_results.json`) in `output_dir` (created); return the file's path."""
+    path = Path(output_dir) / file_name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return path

@@ -82,8 +82,9 @@ class DistillationModelCardData:
         eval_split: name of the split the metrics come from.
         dataset_citation: attribution text for the data, when its licence asks for one.
         extra_tags: tags beyond the standard ones.
-        teacher_probe, student_probe: linear-probe scores (`moma_hf.evaluation.linear_probe`) of the teacher
-            before and the student after distillation, when the run measured them.
+        teacher_probe, student_initial_probe, student_probe: linear-probe scores
+            (`moma_hf.evaluation.linear_probe`) of the teacher, and of the student before and after distillation,
+            when the run measured them.
     """
 
     dataset_id: str | None = None
@@ -94,6 +95,7 @@ class DistillationModelCardData:
     dataset_citation: str | None = None
     extra_tags: list[str] = field(default_factory=list)
     teacher_probe: dict | None = None
+    student_initial_probe: dict | None = None
     student_probe: dict | None = None
 
 
@@ -205,10 +207,11 @@ def teacher_embedding(config) -> str | None:
 
 
 def probe_line(card_data) -> str | None:
-    """"teacher linear probe: 0.912; student: 0.874" (balanced accuracy), from what the run measured."""
-    parts = [f"{who} linear probe: {scores['balanced_accuracy']:.3f}"
-             for who, scores in (("teacher", card_data.teacher_probe), ("student", card_data.student_probe))
-             if scores]
+    """"teacher 0.912; student before distillation 0.603; student 0.874" (linear-probe balanced accuracy), from
+    what the run measured; None when it measured none."""
+    measured = (("teacher", card_data.teacher_probe), ("student before distillation", card_data.student_initial_probe),
+                ("student", card_data.student_probe))
+    parts = [f"{who} {scores['balanced_accuracy']:.3f}" for who, scores in measured if scores]
     return "; ".join(parts) or None
 
 
