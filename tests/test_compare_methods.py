@@ -1,5 +1,8 @@
 """The comparison harness: paired subsets, and the paired statistics against a hand computation."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from moma_hf.commands import compare
@@ -29,3 +32,35 @@ def test_the_table_reports_means_and_the_paired_difference_to_ce_with_a_t_interv
     assert "+5.3 [+0.2, +10.5]" in table
     assert compare.t_quantile(2) == pytest.approx(4.3027, abs=1e-4)
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def _rows(method_values: dict[str, list[float]]) -> list[dict]:
+    return [{"method": m, "seed": s, "accuracy": v, "macro_f1": v, "balanced_accuracy": v}
+            for m, values in method_values.items() for s, v in enumerate(values)]
+
+
+def test_a_teacher_whose_probe_is_below_the_ce_student_is_warned_about_in_the_table(tmp_path):
+    weak = _rows({"ce": [0.50, 0.60, 0.55], compare.TEACHER_PROBE: [0.45, 0.47, 0.46]})
+    warning = compare.weak_teacher_warning(weak)
+    assert warning.startswith("Warning: the teacher's linear probe (46.0 macro-F1) scores below the CE student (55.0)")
+    table = compare.summarise(weak, ["ce", compare.TEACHER_PROBE], tmp_path, "test", note=warning)
+    assert table.rstrip().endswith("may transfer the teacher's mistakes.")
+    assert "| teacher (linear probe) | 46.0 ± 1.0 |" in table  # paired with ce like any method: -9.0 points
+    assert "-9.0 [" in table
+    strong = _rows({"ce": [0.50, 0.60, 0.55], compare.TEACHER_PROBE: [0.70, 0.72, 0.71]})
+    assert compare.weak_teacher_warning(strong) is None
+    assert compare.weak_teacher_warning(_rows({compare.TEACHER_PROBE: [0.1]})) is None  # no ce row to compare
+
+
+def test_the_teacher_probe_of_a_seed_runs_once_at_the_students_image_size(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    config = {"distill_args": {"image_size": 112}}
+    out = tmp_path / "seed0" / "teacher_probe"
+    first = compare.probe_teacher(str(demo / "demo_teacher"), demo / "demo_data" / "train",
+                                  demo / "demo_data" / "validation", config, out)
+    saved = json.loads((out / "probe_results.json").read_text())
+    assert saved["image_size"] == 112 and saved["eval_images"] == 38
+    assert first == {name: saved[name] for name in compare.METRICS}
+    stamp = (out / "probe_results.json").stat().st_mtime_ns
+    assert compare.probe_teacher("no-such-teacher", Path("nowhere"), Path("nowhere"), config, out) == first
+    assert (out / "probe_results.json").stat().st_mtime_ns == stamp  # reused, not recomputed

@@ -12,6 +12,9 @@ from the current folder.
 The comparison is paired: for one seed every method sees the same labeled subset, the same data order and
 the same student initialisation (all drawn from the seed), so the per-seed difference to `ce` isolates the
 method. Beside mean +- std per method it reports the mean paired difference to `ce` with its 95% t-interval.
+Each seed also gets the teacher's linear probe (`moma-probe`: fitted on that seed's labeled images, scored on
+the same test part, at the students' image size), a row paired with `ce` like a method; when it scores below
+the CE student the table ends with a warning (`--no_probe` skips it).
 Writes `results.csv`, `results.md` and `results.png` into the output folder.
 """
 
@@ -30,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moma_hf.commands import distill, train_teacher
+from moma_hf.commands import distill, probe, train_teacher
 from moma_hf.evaluation.plots import plot_method_comparison
 from moma_hf.training.run_folder import unfinished_run_flags
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+TEACHER_PROBE = "teacher (linear probe)"  # the results row of the teacher's probe, paired with ce like a method
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
@@ -108,6 +112,31 @@ def run_method(variant: str, seed: int, train_dir: Path, test_dir: Path, teacher
     return {name: float(metrics[f"eval_{name}"]) for name in METRICS}
 
 
+def probe_teacher(teacher: str, train_dir: Path, test_dir: Path, config: dict, out: Path) -> dict[str, float]:
+    """The teacher's linear probe (`moma-probe`) fitted on one seed's labeled images and scored on the test part,
+    at the students' image size; kept in `out` and reused."""
+    results = out / probe.RESULTS_FILE
+    if not results.exists():
+        size = config.get("distill_args", {}).get("image_size")
+        probe.run([f"--model_name_or_path={teacher}", f"--train_dir={train_dir}", f"--validation_dir={test_dir}",
+                   f"--output_dir={out}"] + ([f"--image_size={size}"] if size else []))
+    metrics = json.loads(results.read_text())
+    return {name: float(metrics[name]) for name in METRICS}
+
+
+def weak_teacher_warning(rows: list[dict]) -> str | None:
+    """A warning when the teacher's linear probe scores below the CE student (mean macro-F1), else None."""
+    def mean_f1(method):
+        values = [row["macro_f1"] for row in rows if row["method"] == method]
+        return float(np.mean(values)) if values else None
+
+    teacher, ce = mean_f1(TEACHER_PROBE), mean_f1("ce")
+    if teacher is None or ce is None or teacher >= ce:
+        return None
+    return (f"Warning: the teacher's linear probe ({100 * teacher:.1f} macro-F1) scores below the CE student "
+            f"({100 * ce:.1f}) on these labels: distilling may transfer the teacher's mistakes.")
+
+
 def t_quantile(dof: int) -> float:
     """The 97.5% quantile of Student's t with `dof` degrees of freedom (for a two-sided 95% interval)."""
     from scipy.stats import t
@@ -115,8 +144,10 @@ def t_quantile(dof: int) -> float:
     return float(t.ppf(0.975, dof))
 
 
-def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffix: str = "") -> str:
-    """Write `results{suffix}.md` (mean +- std per method, paired difference to ce with 95% CI) and its `.png`."""
+def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffix: str = "",
+              note: str | None = None) -> str:
+    """Write `results{suffix}.md` (mean +- std per method, paired difference to ce with 95% CI, and `note`
+    below the table) and its `.png`."""
     by = defaultdict(dict)
     for row in rows:
         by[row["method"]][row["seed"]] = row
@@ -136,7 +167,7 @@ def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffi
             half = t_quantile(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
             paired = f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
     (out / f"results{suffix}.md").write_text(table)
     scores = {m: {metric: [by[m][s][metric] for s in seeds] for metric in ("accuracy", "macro_f1")} for m in methods}
     plot_method_comparison(scores, out / f"results{suffix}.png", title)
@@ -197,6 +228,7 @@ def run(argv: list[str] | None = None) -> str:
                         help="Give every method that can use them the rest of the student's images, unlabeled.")
     parser.add_argument("--labeled_fraction", type=float,
                         help="With --unlabeled: labeled share of each batch (default: the scenario's, else natural).")
+    parser.add_argument("--no_probe", action="store_true", help="Skip the teacher's linear probe.")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
@@ -210,6 +242,10 @@ def run(argv: list[str] | None = None) -> str:
     rows = []
     for seed in seeds:
         train_dir = labeled_subset(student_pool, config, seed, out, tag)
+        if not args.no_probe:
+            metrics = probe_teacher(teacher, train_dir, test_dir, config, out / f"seed{seed}{tag}" / "teacher_probe")
+            rows.append({"method": TEACHER_PROBE, "seed": seed, **metrics})
+            print(f"{TEACHER_PROBE} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         pool_flags, pool_tag = (), "_unlabeled" + (f"{fraction:g}" if fraction else "")  # natural or a fraction
         if args.unlabeled:
             pool_flags = (f"--unlabeled_dir={unlabeled_pool(student_pool, config, seed, out, tag)}",)
@@ -228,7 +264,7 @@ def run(argv: list[str] | None = None) -> str:
         writer.writeheader()
         writer.writerows(rows)
     labels = list(dict.fromkeys(row["method"] for row in rows))
-    table = summarise(rows, labels, out, title, suffix)
+    table = summarise(rows, labels, out, title, suffix, weak_teacher_warning(rows))
     print(table)
     return table
 
