@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import shared_data
+from conftest import REPO, shared_data
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
 from sklearn.preprocessing import StandardScaler
@@ -180,3 +180,36 @@ def test_probe_on_crc_polyp_agrees_with_logistic_regression(teacher):
     assert results["balanced_accuracy"] > 0.4  # chance is 0.2
     reference = sklearn_logistic_regression_accuracy(*features)
     assert abs(results["accuracy"] - reference) <= 0.05, (results, reference)
+
+
+@pytest.mark.slow
+def test_distill_probes_teacher_and_student_and_the_card_records_the_scores(tmp_path, monkeypatch):
+    """`--probe_teacher --probe_student` on the demo: three probes beside the run, their numbers in the card."""
+    from huggingface_hub import ModelCard
+
+    from moma_hf.commands import distill
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    flags = ["--config", "examples/configs/demo.yaml", "--max_steps", "2", "--save_strategy", "no",
+             "--report_to", "none", "--per_device_train_batch_size", "8", "--disable_tqdm", "true",
+             "--probe_teacher", "--probe_student", "--output_dir", str(out)]
+    assert distill.main(flags) == 0
+    probes = {who: json.loads((out / f"probe_{who}.json").read_text())
+              for who in ("teacher", "student_initial", "student")}
+    assert probes["teacher"]["feature_dim"] == 128 and probes["student"]["feature_dim"] == 512  # ViT, ResNet-18
+    assert all(p["protocol"] == PROBE_PROTOCOL and p["eval_images"] == 38 for p in probes.values())
+    line = next(line for line in ModelCard.load(out / "README.md").text.splitlines() if "Linear probe" in line)
+    assert line.endswith(f"teacher {probes['teacher']['balanced_accuracy']:.3f}; student before distillation "
+                         f"{probes['student_initial']['balanced_accuracy']:.3f}; student "
+                         f"{probes['student']['balanced_accuracy']:.3f}")
+
+
+def test_distill_refuses_a_probe_of_a_stream_before_loading_anything(tmp_path, monkeypatch):
+    from moma_hf.commands import distill
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(distill, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher first"))
+    with pytest.raises(ValueError, match="--streaming is not supported"):
+        distill.main(["--config", "examples/configs/demo.yaml", "--streaming", "--max_steps", "2",
+                      "--probe_teacher", "--output_dir", str(tmp_path / "run")])
