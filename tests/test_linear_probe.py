@@ -199,6 +199,8 @@ def test_distill_probes_teacher_and_student_and_the_card_records_the_scores(tmp_
               for who in ("teacher", "student_initial", "student")}
     assert probes["teacher"]["feature_dim"] == 128 and probes["student"]["feature_dim"] == 512  # ViT, ResNet-18
     assert all(p["protocol"] == PROBE_PROTOCOL and p["eval_images"] == 38 for p in probes.values())
+    provenance = json.loads((out / "config.json").read_text())["distilled_from"]
+    assert provenance == {"teacher": "examples/demo_teacher", "revision": "main", "preset": None}
     line = next(line for line in ModelCard.load(out / "README.md").text.splitlines() if "Linear probe" in line)
     assert line.endswith(f"teacher {probes['teacher']['balanced_accuracy']:.3f}; student before distillation "
                          f"{probes['student_initial']['balanced_accuracy']:.3f}; student "

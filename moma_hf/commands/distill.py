@@ -108,6 +108,10 @@ def build_model(args: DistillationTrainingArguments, teacher, labels: list[str],
                                        image_size=image_size, token=args.hub_token,
                                        trust_remote_code=args.trust_remote_code)
     distils = args.method.uses_teacher  # a `ce` run loads a teacher only as a same-as-teacher student's weights
+    if distils:  # provenance in the exported student's config.json: a name, never a class
+        student.config.distilled_from = {"teacher": args.teacher_model_name_or_path,
+                                         "revision": args.teacher_model_revision,
+                                         "preset": teacher.preset.name if teacher.preset else None}
     model = build_distillation_model(student, teacher.model if distils else None,
                                      teacher.id2label if distils else None, **args.distillation_config_kwargs())
     if args.process_index == 0:
