@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import demo_patch_files, timm_classifier, tiny_vit
+from conftest import REPO, demo_patch_files, timm_classifier, tiny_vit
 from huggingface_hub import create_repo, upload_folder
 from transformers import (
     AutoConfig,
@@ -342,3 +342,30 @@ def test_a_same_architecture_teacher_whose_recipe_widens_the_feature_cannot_be_m
         build_distillation_model(student, teacher, None, teacher_update="momentum", **settings)
     auto = build_distillation_model(student, teacher, None, **settings)  # "auto" falls back to a frozen teacher
     assert auto.teacher_update == "frozen" and auto.key_head.weight.shape == (32, 2 * 96)
+
+
+# ---- 8. the job: `--teacher_model_name_or_path <preset>` -------------------------------------------------------------
+@pytest.mark.slow
+def test_distill_resolves_a_preset_by_name_and_its_card_names_the_preset_and_recipe(hub, tmp_path, monkeypatch):
+    """moma-distill with `virchow2` (a scaled model of its class on the loopback Hub), its recipe, in bf16, with
+    the teacher-feature cache: the preset is resolved, the card and configs name it, nothing holds a class."""
+    from huggingface_hub import ModelCard
+
+    from moma_hf.commands import distill
+
+    push_scaled(hub, "virchow2")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    flags = ["--teacher_model_name_or_path", "virchow2", "--teacher_dtype", "bf16", "--cache_teacher_features",
+             "--train_dir", "examples/demo_data", "--validation_dir", "examples/demo_data", "--image_size", "112",
+             "--max_steps", "2", "--per_device_train_batch_size", "8", "--queue_size", "64", "--projection_dim", "32",
+             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out)]
+    assert distill.main(flags) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "paige-ai/Virchow2"  # the preset's Hub id, not the short name
+    assert "- **Teacher preset:** `virchow2` (embedding cls+mean_patch, 2560-d, bfloat16)" in card.text
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["distilled_from"] == {"teacher": "virchow2", "revision": "main", "preset": "virchow2"}
+    written = "".join(p.read_text(errors="ignore") for p in out.rglob("*.json"))
+    assert "<class" not in written and TOKEN not in written
