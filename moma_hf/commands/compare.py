@@ -263,7 +263,7 @@ def run(argv: list[str] | None = None) -> str:
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *METRICS])
         writer.writeheader()
         writer.writerows(rows)
-    labels = list(dict.fromkeys(row["method"] for row in rows))
+    labels = sorted(dict.fromkeys(row["method"] for row in rows), key=lambda label: label == TEACHER_PROBE)
     table = summarise(rows, labels, out, title, suffix, weak_teacher_warning(rows))
     print(table)
     return table
