@@ -179,13 +179,14 @@ def test_torch_compile_trains_the_moma_model_as_eager_does(small_moma, nct_mini_
     losses = {}
     for compiled in (False, True):
         trainer = make_trainer(small_moma, nct_mini_dir, tmp_path / str(compiled), max_steps=2, save_strategy="no",
-                               torch_compile=compiled)
+                               torch_compile=compiled, optim="sgd", learning_rate=0.05)
         trainer.train()
         losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    # Same weights and batch: the first step's loss agrees to kernel rounding; the second follows an optimiser
-    # step on slightly different gradients (fused kernels), so it agrees less tightly.
+    # Same weights and batch: the first step's loss agrees to kernel rounding; the second follows one SGD step on
+    # gradients that differ by that rounding (fused kernels), so it agrees a little less tightly. (With Adam, whose
+    # update divides each gradient by its own size, the rounding of near-zero gradients moved it by up to 1%.)
     assert abs(losses[True][0] - losses[False][0]) < 1e-4 * losses[False][0]
-    assert abs(losses[True][1] - losses[False][1]) < 1e-2 * losses[False][1]
+    assert abs(losses[True][1] - losses[False][1]) < 1e-3 * losses[False][1], losses
 
 
 def test_persistent_workers_are_refused_for_map_style_data(small_moma, nct_mini_dir, tmp_path):
