@@ -369,3 +369,17 @@ def test_distill_resolves_a_preset_by_name_and_its_card_names_the_preset_and_rec
     assert exported["distilled_from"] == {"teacher": "virchow2", "revision": "main", "preset": "virchow2"}
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*.json"))
     assert "<class" not in written and TOKEN not in written
+
+
+def test_a_same_as_teacher_student_of_a_swiglu_preset_is_built_with_the_presets_classes(hub):
+    """The paper's setting with a foundation model: the student copies the teacher's SwiGLU backbone."""
+    from moma_hf.networks.students import build_student
+
+    push_scaled(hub, "uni2-h")
+    teacher = load_teacher("uni2-h", token=TOKEN)
+    student, _ = build_student("same-as-teacher", {0: "benign", 1: "tumour"}, teacher=teacher)
+    assert isinstance(student.timm_model.blocks[0].mlp, timm.layers.GluMlp)
+    assert "<class" not in student.config.to_json_string() and student.config.teacher_preset == "uni2-h"
+    images = demo_patch("uni2-h")
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(student, images)[0], pooled_features(teacher.model, images)[0])

@@ -23,6 +23,7 @@ from transformers import (
 
 from .backbones import backbone_tensors
 from .model_names import ModelLoadError, check_hub_model
+from .teacher_presets import instantiate
 from .teachers import Teacher
 
 SAME_AS_TEACHER = "same-as-teacher"
@@ -128,7 +129,7 @@ def _same_as_teacher(teacher: Teacher, labels: dict) -> PreTrainedModel:
     config = teacher.model.config.__class__.from_dict({**teacher.model.config.to_dict(), **labels})
     if config.model_type == "timm_wrapper":
         config.num_labels = labels["num_labels"]
-    student = AutoModelForImageClassification.from_config(config)
+    student = instantiate(AutoModelForImageClassification.from_config, config)  # a preset's classes too
     source, target = backbone_tensors(teacher.model), backbone_tensors(student)
     if [s.shape for s in source] != [t.shape for t in target]:
         raise ValueError(
