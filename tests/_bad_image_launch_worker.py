@@ -25,7 +25,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--max_bad_fraction", type=float, required=True)
     args = parser.parse_args()
-    rank = Accelerator().process_index  # as the Trainer does: sets up the process group (gloo on CPU)
+    accelerator = Accelerator()  # as the Trainer does: sets up the process group (gloo on CPU)
+    rank = accelerator.process_index
     files = sorted(Path(args.data).glob("*/*.jpg"))[rank * 10 : rank * 10 + 10]
     examples = [{"image": {"path": str(f), "bytes": None}, "label": 0} for f in files]
     if rank == 1:
@@ -41,6 +42,10 @@ def main():
     except ValueError as error:
         verdict["error"] = str(error)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(verdict))
+    # Leave the process group together: a rank that exits while gloo's threads still run can abort with
+    # "terminate called without an active exception" (seen once in CI).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

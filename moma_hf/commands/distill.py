@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     if probe_args.probe_student:
         card.student_probe = probe("student", model.student, student_norm)
     export(trainer, args)
+    # Leave the process group together: a rank that exits while gloo's or NCCL's threads still run can abort
+    # ("terminate called without an active exception") and fail a finished run's launch.
+    trainer.accelerator.end_training()
     return 0
 
 
