@@ -235,7 +235,7 @@ def run_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch
     if train_x.shape[1] != eval_x.shape[1]:
         raise ValueError(f"Training features are {train_x.shape[1]}-d but evaluation features {eval_x.shape[1]}-d.")
     with _one_thread():
-        fit = fit_linear_probe(train_x, train_y, num_labels, settings)
+        fit = _fit(train_x, train_y, num_labels, settings)
         scores = probe_scores(fit, eval_x, eval_y)
     return {**scores, "best_epoch": fit.best_epoch, "epochs": fit.epochs,
             "validation_balanced_accuracy": fit.validation_balanced_accuracy, "train_images": fit.train_images,

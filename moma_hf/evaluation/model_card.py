@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..networks.teacher_presets import PRESET_ATTRIBUTE, find_preset
+from ..networks.teacher_presets import PRESET_ATTRIBUTE, TeacherPreset, find_preset
 from .plots import plot_training_curves
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # moma_hf/
@@ -140,7 +140,7 @@ def gather_facts(model, args, state, card_data: DistillationModelCardData) -> di
         labels=[config.id2label[i] for i in sorted(config.id2label)],
         **teacher_facts(config),
         teacher_revision=config.teacher_revision,
-        teacher_preset=teacher_preset_name(config) if config.method.uses_teacher else None,
+        teacher_preset=getattr(teacher_preset(config), "name", None),
         teacher_embedding=teacher_embedding(config),
         linear_probe=probe_line(card_data),
         teacher_update=model.teacher_update,
@@ -184,7 +184,7 @@ def teacher_facts(config) -> dict:
     """`distilled`, and the teacher as named in the card: `teacher` (a Hub id, or a local folder's name),
     `teacher_url` (None for a local folder) and `teacher_link` (markdown). A `ce` run names no teacher."""
     name = config.teacher_name_or_path if config.method.uses_teacher else None
-    preset = find_preset(teacher_preset_name(config)) if name else None
+    preset = teacher_preset(config)
     repo = preset.hub_id if preset else hub_id(name)
     shown = repo or (Path(name).name if name else None)
     link = f"[`{repo}`](https://huggingface.co/{repo})" if repo else f"`{shown}` (a local model)"
@@ -192,18 +192,19 @@ def teacher_facts(config) -> dict:
                 else None, teacher_link=link if name else None)
 
 
-def teacher_preset_name(config) -> str | None:
-    """The foundation-model preset the teacher was loaded by (stored in its config), or None."""
-    return (config.teacher_config or {}).get(PRESET_ATTRIBUTE)
+def teacher_preset(config) -> TeacherPreset | None:
+    """The foundation-model preset the run's teacher was loaded by (named in its stored config), or None (no
+    preset, or a `ce` run, which distils no teacher)."""
+    if not config.method.uses_teacher:
+        return None
+    return find_preset((config.teacher_config or {}).get(PRESET_ATTRIBUTE))
 
 
 def teacher_embedding(config) -> str | None:
     """How the teacher's feature was read, for the card: "cls+mean_patch, 2560-d, bfloat16"; None without a
-    preset or teacher."""
-    preset = find_preset(teacher_preset_name(config)) if config.method.uses_teacher else None
-    if preset is None:
-        return None
-    return f"{preset.embedding.value}, {preset.embedding_dim}-d, {config.teacher_dtype}"
+    preset."""
+    preset = teacher_preset(config)
+    return f"{preset.embedding.value}, {preset.embedding_dim}-d, {config.teacher_dtype}" if preset else None
 
 
 def probe_line(card_data) -> str | None:

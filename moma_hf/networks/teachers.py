@@ -87,11 +87,9 @@ def load_teacher(
     init_kwargs = {**(preset.init_kwargs if preset else {}), **(model_init_kwargs or {})}
     if preset is not None:
         mark_preset(config, preset)
-        if config.model_type == "timm_wrapper":
-            config.model_args = preset_model_args(preset, config.model_args)
-    if config.model_type == "timm_wrapper":
-        config.model_args = {**(config.model_args or {}), **init_kwargs}
-        init_kwargs = {}
+    if config.model_type == "timm_wrapper":  # timm takes its constructor kwargs through the config
+        model_args = preset_model_args(preset, config.model_args) if preset else config.model_args or {}
+        config.model_args, init_kwargs = {**model_args, **init_kwargs}, {}
     elif config.model_type in CLS_TOKEN_MODEL_TYPES and not _is_classifier(config):
         # The feature is the CLS token; an unused dense+tanh pooler would only add parameters.
         init_kwargs.setdefault("add_pooling_layer", False)
