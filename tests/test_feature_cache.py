@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_trainer, tiny_vit
 
-from moma_hf.commands.distill import cache_teacher_outputs
+from moma_hf.commands.teacher_cache import cache_teacher_outputs
 from moma_hf.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

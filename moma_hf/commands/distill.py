@@ -20,14 +20,12 @@ from moma_hf import (
     DistillationTrainer,
     DistillationTrainingArguments,
     Method,
-    TeacherUpdate,
     build_distillation_model,
 )
 from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
 from moma_hf.commands.probe import check_probe_data, probe_model, write_results
+from moma_hf.commands.teacher_cache import cache_facts, cache_teacher_outputs
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
-from moma_hf.data.feature_cache import DEFAULT_DIR as FEATURE_CACHE_DIR
-from moma_hf.data.feature_cache import attach_feature_cache
 from moma_hf.data.transforms import normalization_from_processor
 from moma_hf.evaluation.linear_probe import ProbeSettings
 from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
@@ -120,24 +118,6 @@ def build_model(args: DistillationTrainingArguments, teacher, labels: list[str],
     return model, processor, image_size or input_size(student)
 
 
-def cache_teacher_outputs(model, train_dataset, collator, args: DistillationTrainingArguments, facts: dict):
-    """`--cache_teacher_features`: the training set with its `_row` column, and `collator` reading the cache.
-
-    The main process builds the cache (the others wait, then open it) with the model's frozen teacher; `facts`
-    are what else the cached crops depend on (image size, augmentation, teacher), checked when it is reused.
-    """
-    if model.teacher is None or getattr(model, "teacher_update", TeacherUpdate.FROZEN) != TeacherUpdate.FROZEN:
-        raise ValueError("--cache_teacher_features needs a frozen teacher: a momentum teacher changes every step, "
-                         "and `ce` has none. Use --teacher_update frozen.")
-    model.teacher.eval().to(args.device)
-    with args.main_process_first(desc="teacher-feature cache"):
-        return attach_feature_cache(
-            train_dataset, collator, model.teacher_outputs, views=args.cache_views,
-            path=args.teacher_feature_cache_dir or Path(args.output_dir) / FEATURE_CACHE_DIR, facts=facts,
-            batch_size=args.per_device_train_batch_size, device=args.device, progress=not args.disable_tqdm,
-        )
-
-
 def main(argv: list[str] | None = None, default_config: Path | None = None) -> int:
     """Run the distillation job; returns the process exit code.
 
@@ -171,9 +151,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     if probe_args.probe_student:
         probes["student_initial_probe"] = probe("student_initial", model.student, student_norm)
     if args.cache_teacher_features:
-        facts = {"teacher": args.teacher_model_name_or_path, "teacher_revision": args.teacher_model_revision,
-                 "teacher_dtype": args.teacher_dtype, "image_size": image_size,
-                 "randaugment": data_args.randaugment, "stain_jitter": data_args.stain_jitter}
+        facts = cache_facts(args, data_args, image_size)
         train_dataset = cache_teacher_outputs(model, train_dataset, train_collator, args, facts)
     card = DistillationModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
