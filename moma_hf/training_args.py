@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .configuration_distillation import DistillationSettings
+from .data.feature_cache import STORAGE_DTYPES
 from .training.run_folder import OutputDirArguments
 from .training.token_safety import TokenSafeArgumentsMixin
 
@@ -47,6 +48,14 @@ class DistillationTrainingArguments(
     )
     cache_views: int = field(default=4, metadata={"help": "Augmented views per image in the teacher-feature cache; "
                                                   "epoch e trains on view e % cache_views."})
+    cache_dtype: str = field(
+        default="float32", metadata={"help": "Storage of the teacher-feature cache: float32, float16 or bfloat16 "
+                                     "(half the disk; lookups give float32 either way)."}
+    )
+    cache_shard_size: int = field(
+        default=4096, metadata={"help": "Examples per shard of the teacher-feature cache: the unit that processes "
+                                "share and that an interrupted caching pass keeps."}
+    )
     teacher_feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Where the cache lives (reused when it matches the run); default "
                                 "OUTPUT_DIR/_teacher-feature-cache (the leading _ keeps it out of --push_to_hub)."}
@@ -73,6 +82,10 @@ class DistillationTrainingArguments(
             self.ddp_find_unused_parameters = self.w_ce == 0 or self.w_moma == 0 or self.w_feature == 0
         if self.cache_views < 1:
             raise ValueError(f"--cache_views {self.cache_views} must be at least 1.")
+        if self.cache_shard_size < 1:
+            raise ValueError(f"--cache_shard_size {self.cache_shard_size} must be at least 1.")
+        if self.cache_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"--cache_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.cache_dtype!r}.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator reads the raw image column.")
         if isinstance(self.teacher_model_init_kwargs, str):

@@ -8,19 +8,27 @@ The public data API is exported here; the modules hold one step each:
 - `transforms`: augmentation, evaluation resizing and normalisation;
 - `collator`: decode, augment and normalise a batch, surviving corrupt files;
 - `streaming`: a stream as one endless epoch, so resuming finds its place;
-- `feature_cache`: a frozen teacher's outputs, computed once;
+- `feature_cache`: a frozen teacher's outputs, computed once: the format and lookup;
+- `feature_cache_build`: the caching pass, shared by every process and resumable;
 - `arguments`: the data flags, and the datasets and collators they describe.
 """
 
 from .arguments import DataArguments, PatchSourceArguments, build_collators, load_datasets
-from .collator import UNREADABLE, BadImageWarning, PatchCollator, TooManyBadImagesError, check_bad_fraction
+from .collator import (
+    UNREADABLE,
+    BadImageWarning,
+    PatchCollator,
+    TooManyBadImagesError,
+    check_bad_fraction,
+    example_key,
+)
 from .feature_cache import (
     TeacherFeatureCache,
     add_row_index,
     attach_feature_cache,
-    build_feature_cache,
     dataset_fingerprint,
 )
+from .feature_cache_build import BuildSettings, CacheBuildInterrupted, build_feature_cache
 from .loading import check_local_source, label_names, load_patch_dataset, shard_for_process
 from .sources import IMAGE_EXTENSIONS, is_image_file, looks_like_local_path
 from .streaming import EndlessStream
@@ -41,6 +49,8 @@ __all__ = [
     "UNLABELED",
     "UNREADABLE",
     "BadImageWarning",
+    "BuildSettings",
+    "CacheBuildInterrupted",
     "DataArguments",
     "EndlessStream",
     "PatchCollator",
@@ -56,6 +66,7 @@ __all__ = [
     "check_bad_fraction",
     "check_local_source",
     "dataset_fingerprint",
+    "example_key",
     "is_image_file",
     "label_names",
     "load_datasets",

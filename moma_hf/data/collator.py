@@ -83,6 +83,30 @@ def _as_norm(norm: tuple[Sequence[float], Sequence[float]]) -> tuple[torch.Tenso
     return mean, std
 
 
+def _identity(image: Any) -> list[bytes]:
+    """What identifies an image: its path, else its encoded bytes, else its pixels (the augmentation seed reads
+    the first part), followed by its bytes when it has both a path and bytes."""
+    if isinstance(image, dict) and (image.get("path") or image.get("bytes")):
+        return [part for part in (str(image["path"]).encode() if image.get("path") else None, image.get("bytes"))
+                if part]
+    if isinstance(image, (str, os.PathLike)):
+        return [str(image).encode()]
+    return [np.asarray(image).tobytes()]  # a decoded PIL image
+
+
+def example_key(image: Any) -> bytes:
+    """A 16-byte digest of an image's path and bytes: its row in a teacher-feature cache.
+
+    Two images with one key have the same path and content, so `PatchCollator` draws the same augmentation for
+    both (its seed reads the path, or the bytes without one), and a cache may serve both from one row.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in _identity(image):
+        digest.update(len(part).to_bytes(8, "little"))  # lengths keep (path, bytes) pairs from running together
+        digest.update(part)
+    return digest.digest()
+
+
 class PatchCollator:
     """``collate_fn`` for a torch ``DataLoader`` / the Trainer's ``data_collator``.
 
@@ -188,7 +212,8 @@ class PatchCollator:
         """Read the teacher's outputs from ``feature_cache`` instead of giving it pixels (None: stop reading them).
 
         The cache must hold this collator's views (see :meth:`set_views`), so that every cached output belongs to
-        the very crop the student sees. Examples must then carry their ``_row`` (see ``add_row_index``).
+        the very crop the student sees. Map-style examples must then carry their ``_row`` (see ``add_row_index``);
+        a stream's are found by :func:`example_key`.
 
         Raises:
             ValueError: the cache holds another number of views than the collator draws.
@@ -233,7 +258,12 @@ class PatchCollator:
             labels = [UNREADABLE if decoded[i][0] is None else label for i, label in enumerate(labels)]
         batch = {"pixel_values": self._normalise(pixels, self.student_norm)}
         if self.feature_cache is not None:
-            batch.update(self.feature_cache.lookup([examples[source][ROW_KEY] for source in sources], views))
+            chosen = [examples[source] for source in sources]
+            batch.update(self.feature_cache.lookup(
+                views, [example_key(example["image"]) for example in chosen],
+                rows=[example.get(ROW_KEY) for example in chosen],
+                names=[_describe(example["image"], self.num_seen + i) for i, example in enumerate(chosen)],
+            ))
         elif self.teacher_norm is not None:
             batch["teacher_pixel_values"] = self._normalise(pixels, self.teacher_norm)
         batch["labels"] = torch.tensor(labels, dtype=torch.int64)
@@ -242,14 +272,7 @@ class PatchCollator:
     def _sample_seed(self, image: Any, slot: int, epoch: int | str) -> int:
         """A 63-bit seed from the run seed, the epoch, the image's identity and its slot in the batch."""
         digest = hashlib.blake2b(f"{self.seed}/{epoch}/{slot}/".encode(), digest_size=8)
-        if isinstance(image, dict) and image.get("path"):
-            digest.update(str(image["path"]).encode())
-        elif isinstance(image, dict) and image.get("bytes"):
-            digest.update(image["bytes"])
-        elif isinstance(image, (str, os.PathLike)):
-            digest.update(str(image).encode())
-        else:  # a decoded PIL image
-            digest.update(np.asarray(image).tobytes())
+        digest.update(_identity(image)[0])
         return int.from_bytes(digest.digest(), "little") >> 1
 
     @staticmethod
