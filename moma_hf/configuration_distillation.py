@@ -197,6 +197,8 @@ class DistillationConfig(PretrainedConfig):
         teacher_config: `config.to_dict()` of the teacher (a base model or an image classifier).
         teacher_name_or_path: where the teacher came from (Hub id or path), recorded for model cards.
         teacher_revision: the pinned teacher revision, recorded for model cards.
+        teacher_weights_sha256: the hash of the teacher's weights (`networks.teachers.weights_sha256`); when set,
+            a frozen teacher is named in checkpoints instead of stored, and reloaded by name and checked.
         teacher_id2label: the teacher's own label names, when it has a classifier head.
         global_batch_size: when known, checked against `queue_size` (the queue must hold one global batch).
         kwargs: the fields of `DistillationSettings` (defaults and checks come from there; `w_kd` None becomes
@@ -213,6 +215,7 @@ class DistillationConfig(PretrainedConfig):
         teacher_config: dict | None = None,
         teacher_name_or_path: str | None = None,
         teacher_revision: str | None = None,
+        teacher_weights_sha256: str | None = None,
         teacher_id2label: dict | None = None,
         global_batch_size: int | None = None,
         **kwargs: Any,
@@ -228,6 +231,7 @@ class DistillationConfig(PretrainedConfig):
         self.teacher_config = _as_dict(teacher_config)
         self.teacher_name_or_path = teacher_name_or_path
         self.teacher_revision = teacher_revision
+        self.teacher_weights_sha256 = teacher_weights_sha256
         self.teacher_id2label = {int(k): v for k, v in teacher_id2label.items()} if teacher_id2label else None
         self.global_batch_size = global_batch_size
         if self.w_feature is None:

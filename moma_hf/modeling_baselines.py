@@ -71,7 +71,7 @@ class BaselineForDistillation(DistillationPreTrainedModel):
         config = self.config
         self._attach_networks(student, teacher, with_teacher=config.method.uses_teacher)
         # for the model card: the teacher never changes ("no" teacher for ce)
-        self.teacher_update = TeacherUpdate.FROZEN if self.teacher is not None else "no"
+        self.teacher_update = TeacherUpdate.FROZEN if config.method.uses_teacher else "no"
         method, terms = config.method, ["loss_ce"]
         if config.w_kd > 0 and method.uses_teacher:  # any baseline with a teacher may add logit KD
             terms.append("loss_dkd" if method is Method.DKD else "loss_kd")
@@ -108,8 +108,8 @@ class BaselineForDistillation(DistillationPreTrainedModel):
             teacher_features, teacher_logits: `(B, d_t)` and `(B, C_t)` from a teacher-feature cache, which
                 replace the teacher's forward.
         """
-        if self.training and self.teacher is not None:
-            # Teacher first, so its activations are freed before the student's forward.
+        if self.training and self.config.method.uses_teacher:
+            # Teacher first (or its cached outputs), so its activations are freed before the student's forward.
             teacher_features, teacher_logits = self.teacher_outputs(
                 pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
         features, logits = pooled_features(self.student, pixel_values)

@@ -2,18 +2,40 @@
 
 `MoMAForDistillation` and `BaselineForDistillation` both derive from `DistillationPreTrainedModel`, so the
 trainer, checkpoints and export treat every `--method` the same way.
+
+A frozen teacher loaded by name (its config holds `teacher_weights_sha256`) is named in checkpoints, not stored:
+`save_pretrained` leaves its tensors out (`_keys_to_ignore_on_save`), resume keeps the teacher the run loaded
+(checked by `training.fault_tolerance.check_checkpoint_teacher`), and `from_pretrained` reloads it by name and
+checks the hash. A model whose teacher outputs come from a feature cache drops its teacher (`release_teacher`).
 """
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import logging
 
-from .configuration_distillation import TEACHER_DTYPES, DistillationConfig, Method, parse_mode, refuse_other_method
+from .configuration_distillation import (
+    TEACHER_DTYPES,
+    DistillationConfig,
+    Method,
+    TeacherUpdate,
+    parse_mode,
+    refuse_other_method,
+)
 from .modules.key_queue import KeyQueue
 from .networks.backbones import pooled_features
 from .networks.teacher_presets import instantiate
+from .networks.teachers import load_teacher
+
+logger = logging.get_logger(__name__)
+
+
+class TeacherMismatchError(ValueError):
+    """The teacher loaded by name is not the one a checkpoint was trained with (other weights)."""
 
 
 class DistillationPreTrainedModel(PreTrainedModel):
@@ -65,15 +87,42 @@ class DistillationPreTrainedModel(PreTrainedModel):
         self.student = student if student is not None else build_network(config.build_student_config(), True)
         self.teacher = None
         if with_teacher:
-            self.teacher = teacher if teacher is not None else build_network(
+            self.attach_teacher(teacher if teacher is not None else build_network(
                 config.build_teacher_config(), config.teacher_id2label is not None
-            )
-            self.teacher.requires_grad_(False)
-            self.teacher.to(dtype=TEACHER_DTYPES[config.teacher_dtype])
+            ))
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Make `teacher` this model's frozen teacher (gradients off, eval mode, the config's precision)."""
+        self.teacher = teacher.requires_grad_(False).eval().to(dtype=TEACHER_DTYPES[self.config.teacher_dtype])
+
+    def release_teacher(self) -> None:
+        """Drop a frozen teacher, e.g. when a teacher-feature cache serves its outputs; its memory is freed.
+
+        The config keeps `teacher_config`, so `g_T`, KD from cached logits, checkpoints and export still work; a
+        training batch without cached `teacher_features` then raises. A momentum teacher cannot be released.
+        """
+        if getattr(self, "teacher_update", None) == TeacherUpdate.MOMENTUM:
+            raise ValueError("A momentum teacher is an EMA of the student and cannot be released.")
+        self.teacher = None
+        self._keys_to_ignore_on_save = set()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def names_teacher(self) -> bool:
+        """Whether checkpoints name the teacher instead of storing it: a frozen teacher loaded by name, its hash
+        known (`config.teacher_weights_sha256`)."""
+        config = self.config
+        return (getattr(self, "teacher", None) is not None and self.teacher_update == TeacherUpdate.FROZEN
+                and bool(config.teacher_name_or_path and config.teacher_weights_sha256))
 
     def post_init(self) -> None:
-        """transformers' post-init, then keep the key queues out of DDP's per-step buffer broadcast."""
+        """transformers' post-init, then keep the key queues out of DDP's per-step buffer broadcast, and a named
+        teacher's tensors out of saved weights."""
         super().post_init()
+        if self.names_teacher:
+            self._keys_to_ignore_on_save = {f"teacher.{name}" for name in self.teacher.state_dict()}
         # Every process enqueues the same gathered keys, so the queues are identical by construction; DDP
         # would otherwise re-send them from rank 0 before every forward (32 MiB at K=16384, D=512).
         self._ddp_params_and_buffers_to_ignore = [
@@ -103,6 +152,12 @@ class DistillationPreTrainedModel(PreTrainedModel):
         """
         if teacher_features is not None:
             return teacher_features, teacher_logits
+        if self.teacher is None:
+            raise ValueError(
+                "This model holds no teacher (released: its outputs come from a teacher-feature cache), but the "
+                "batch carries no cached teacher_features. Train with the collator that reads the cache "
+                "(--cache_teacher_features), or build the model with its teacher."
+            )
         images = pixel_values if teacher_pixel_values is None else teacher_pixel_values
         # A bf16/fp16 teacher (--teacher_dtype) runs in its own precision; what it hands on is float32.
         features, logits = pooled_features(self.teacher, images.to(next(self.teacher.parameters()).dtype))
@@ -120,11 +175,49 @@ class DistillationPreTrainedModel(PreTrainedModel):
         name = getattr(self.student.config, "architecture", None) or type(self.student).__name__
         return {"architecture": name, "num_parameters": sum(p.numel() for p in self.student.parameters())}
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' `from_pretrained`; a frozen teacher that the weights do not hold (a checkpoint names it)
+        is reloaded by name and revision, its hash checked against the config's. `token` is passed on."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = {key for key in info["missing_keys"] if key.startswith("teacher.")}
+        if missing and model.teacher is not None:
+            model.reload_named_teacher(token=kwargs.get("token"))
+            info["missing_keys"] = type(info["missing_keys"])(k for k in info["missing_keys"] if k not in missing)
+        return (model, info) if output_loading_info else model
+
+    def reload_named_teacher(self, token: str | bool | None = None) -> None:
+        """Load the teacher named by the config (`teacher_name_or_path` at `teacher_revision`) and attach it,
+        after checking its weights against `teacher_weights_sha256` (when known)."""
+        config = self.config
+        if not config.teacher_name_or_path:
+            raise ValueError("These weights hold no teacher and the config names none to reload: build the model "
+                             "with its teacher (from_student_and_teacher).")
+        teacher = load_teacher(config.teacher_name_or_path, config.teacher_revision or "main", token=token,
+                               dtype=config.teacher_dtype)
+        check_teacher_hash(config.teacher_name_or_path, config.teacher_revision, config.teacher_weights_sha256,
+                           teacher.weights_sha256)
+        logger.info("The weights hold no teacher (the checkpoint names it): reloaded %s at revision %s, hash checked.",
+                    config.teacher_name_or_path, config.teacher_revision)
+        self.attach_teacher(teacher.model)
+
     def momentum_update(self) -> None:
         """After each optimiser step: update EMA copies (none by default)."""
 
     def enqueue(self, keys) -> None:
         """After each optimiser step: store the step's gathered `contrastive_keys` (nothing by default)."""
+
+
+def check_teacher_hash(name: str, revision: str | None, expected: str | None, found: str | None) -> None:
+    """Raise `TeacherMismatchError` when `found`, the weights hash of the teacher `name` at `revision` loaded now,
+    is not `expected`, the one a checkpoint names (no check when either is unknown)."""
+    if expected and found and expected != found:
+        raise TeacherMismatchError(
+            f"The teacher {name} at revision {revision} now has other weights "
+            f"than this checkpoint was trained with (sha256 {found}, expected {expected}): the name was moved to new "
+            "weights, or a local folder was changed. Pin the original weights with --teacher_model_revision <commit "
+            "sha> (or restore the folder) to resume; the checkpoint names the teacher instead of storing it."
+        )
 
 
 def build_network(config, classifier: bool) -> PreTrainedModel:

@@ -13,6 +13,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data.streaming import EndlessStream
 from .networks.students import save_student
@@ -22,6 +23,7 @@ from .training.fault_tolerance import (
     ResumeLearningRate,
     StaleCheckpointCallback,
     StepGuard,
+    check_checkpoint_teacher,
     check_resumable,
     is_checkpoint_folder,
     remove_incomplete_checkpoints,
@@ -173,13 +175,19 @@ class DistillationTrainer(Trainer):
         An incomplete checkpoint (see `fault_tolerance.is_complete_checkpoint`) is a save cut short; the Trainer
         would take it for the newest and restart from step 0. After the removal, `resume_from_checkpoint=True`
         picks the last complete checkpoint through transformers' `get_last_checkpoint`. An explicit path to an
-        incomplete checkpoint raises `IncompleteCheckpointError`, naming the last complete one.
+        incomplete checkpoint raises `IncompleteCheckpointError`, naming the last complete one. A checkpoint that
+        names its frozen teacher is resumed only with a teacher of the same weights (`check_checkpoint_teacher`).
         """
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_resumable(resume_from_checkpoint)
         if self.args.should_save:
             remove_incomplete_checkpoints(self.args.output_dir)
         self.accelerator.wait_for_everyone()  # no process looks for the last checkpoint before the removal
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if checkpoint:
+            check_checkpoint_teacher(checkpoint, self.distillation_model)
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         except BaseException:

@@ -20,11 +20,12 @@ from moma_hf import (
     DistillationTrainer,
     DistillationTrainingArguments,
     Method,
+    TeacherUpdate,
     build_distillation_model,
 )
 from moma_hf.commands.parsing import check_streaming_has_max_steps, parse_args
 from moma_hf.commands.probe import check_probe_data, probe_model, write_results
-from moma_hf.commands.teacher_cache import cache_facts, cache_teacher_outputs
+from moma_hf.commands.teacher_cache import cache_facts, cache_teacher_outputs, find_ready_cache
 from moma_hf.data.arguments import DataArguments, build_collators, load_datasets
 from moma_hf.data.transforms import normalization_from_processor
 from moma_hf.evaluation.linear_probe import ProbeSettings
@@ -84,8 +85,11 @@ def needs_teacher(args: DistillationTrainingArguments) -> bool:
     return args.method.uses_teacher or args.student_model_name_or_path == SAME_AS_TEACHER
 
 
-def load_run_teacher(args: DistillationTrainingArguments):
-    """The run's `Teacher`, or None for a `ce` run, whose teacher (from a config file, say) is not loaded."""
+def load_run_teacher(args: DistillationTrainingArguments, weights: bool = True):
+    """The run's `Teacher`, or None for a `ce` run, whose teacher (from a config file, say) is not loaded.
+
+    With `weights=False` only its config and processor load (see `load_teacher`).
+    """
     if not needs_teacher(args):
         if args.teacher_model_name_or_path:
             logger.info(f"--method ce trains without a teacher: {args.teacher_model_name_or_path} is not loaded.")
@@ -93,7 +97,37 @@ def load_run_teacher(args: DistillationTrainingArguments):
         return None
     return load_teacher(args.teacher_model_name_or_path, args.teacher_model_revision, token=args.hub_token,
                         trust_remote_code=args.trust_remote_code, model_init_kwargs=args.teacher_model_init_kwargs,
-                        dtype=args.teacher_dtype)
+                        dtype=args.teacher_dtype, weights=weights)
+
+
+def reads_teacher_weights_first(args: DistillationTrainingArguments, probe_args: ProbeArguments) -> bool:
+    """Whether the run reads the teacher's weights at the start: always, unless a teacher-feature cache may serve
+    its outputs (`use_feature_cache` loads them only to build one); a same-as-teacher student (the teacher's
+    weights are its start) and `--probe_teacher` read them in any case."""
+    return (not args.cache_teacher_features or probe_args.probe_teacher
+            or args.student_model_name_or_path == SAME_AS_TEACHER)
+
+
+def use_feature_cache(model, teacher, train_dataset, collator, args: DistillationTrainingArguments,
+                      data_args: DataArguments, image_size: int):
+    """`--cache_teacher_features`: the training set read through the cache, and no teacher left in `model`.
+
+    A complete cache of this run on disk serves as it is: a teacher loaded without weights (`weights=False`)
+    never reads them. Otherwise the frozen teacher's weights load, the cache is built, and the teacher is
+    released before training (`release_teacher`: memory freed). A momentum teacher or `ce` is refused by
+    `cache_teacher_outputs`. The caller must drop its own reference to `teacher`.
+    """
+    facts = cache_facts(args, data_args, image_size)
+    frozen = model.teacher_update == TeacherUpdate.FROZEN
+    if frozen and find_ready_cache(train_dataset, collator, args, facts):
+        model.release_teacher()
+    elif frozen and teacher.weights_sha256 is None:  # loaded without weights: the cache must be built first
+        teacher = load_run_teacher(args)
+        model.attach_teacher(teacher.model)
+        model.config.teacher_weights_sha256 = teacher.weights_sha256
+    train_dataset = cache_teacher_outputs(model, train_dataset, collator, args, facts)
+    model.release_teacher()
+    return train_dataset
 
 
 def build_model(args: DistillationTrainingArguments, teacher, labels: list[str], image_size: int | None):
@@ -111,7 +145,8 @@ def build_model(args: DistillationTrainingArguments, teacher, labels: list[str],
                                          "revision": args.teacher_model_revision,
                                          "preset": teacher.preset.name if teacher.preset else None}
     model = build_distillation_model(student, teacher.model if distils else None,
-                                     teacher.id2label if distils else None, **args.distillation_config_kwargs())
+                                     teacher.id2label if distils else None, **args.distillation_config_kwargs(),
+                                     teacher_weights_sha256=teacher.weights_sha256 if distils else None)
     if args.process_index == 0:
         for term, reason in model.config.switched_off_terms().items():
             logger.warning(f"{term} is off for this run: {reason}.")
@@ -135,7 +170,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     check_output_dir(args, args.overwrite_output_dir)  # refuse a used folder now, not after minutes of loading
     check_push_access(args)  # a student that could not be pushed fails now, not after training
     set_seed(args.seed)
-    teacher = load_run_teacher(args)
+    teacher = load_run_teacher(args, weights=reads_teacher_weights_first(args, probe_args))
     train_dataset, eval_dataset, labels = load_datasets(data_args, data_args.streaming, args.seed)
     model, processor, image_size = build_model(args, teacher, labels, data_args.image_size)
     student_norm = normalization_from_processor(processor)
@@ -151,8 +186,8 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
     if probe_args.probe_student:
         probes["student_initial_probe"] = probe("student_initial", model.student, student_norm)
     if args.cache_teacher_features:
-        facts = cache_facts(args, data_args, image_size)
-        train_dataset = cache_teacher_outputs(model, train_dataset, train_collator, args, facts)
+        train_dataset = use_feature_cache(model, teacher, train_dataset, train_collator, args, data_args, image_size)
+        teacher = None  # the model released its teacher: no reference may keep its weights alive
     card = DistillationModelCardData(
         dataset_id=data_args.dataset_name, license=card_args.license, image_size=image_size,
         dataset_name=card_args.dataset_display_name or data_args.dataset_name or Path(data_args.train_dir).name,

@@ -4,16 +4,22 @@ Pathology foundation models load by preset name (`uni2-h`, `virchow2`: see `pres
 constructor classes, normalization and embedding recipe their cards prescribe. Other teachers load by Hub id
 (`owkin/phikon`, `timm/resnet18.a1_in1k`, `hf-hub:MahmoodLab/UNI`) or local path, at a pinned revision, with
 the token from the usual huggingface_hub place (`HF_TOKEN` or `hf auth login`), and with `trust_remote_code`
-off unless the caller asks for it. Weights load through `from_pretrained` (safetensors).
+off unless the caller asks for it. Weights load through `from_pretrained` (safetensors), and are named by
+`weights_sha256` so that a checkpoint can name a frozen teacher instead of storing it. With `weights=False`
+only the config and processor load: the network is built on the meta device (no memory), which is all a run
+needs when a teacher-feature cache serves its outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 
+import torch
 from huggingface_hub import constants, get_token
+from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, PreTrainedModel
 
 from ..configuration_distillation import TEACHER_DTYPES, parse_teacher_dtype
@@ -34,7 +40,8 @@ class Teacher:
     """A loaded teacher and the facts MoMA needs about it.
 
     Attributes:
-        model: the network, in eval mode with gradients off.
+        model: the network, in eval mode with gradients off (on the meta device, weightless, when loaded with
+            `weights=False`).
         name_or_path, revision: where it came from.
         feature_dim: size of its pooled feature.
         mean, std: the normalisation it was trained with.
@@ -42,6 +49,7 @@ class Teacher:
         id2label: its classifier's labels, or None for a backbone.
         processor: its image processor, when it ships one.
         preset: the foundation-model preset it was loaded by, if any.
+        weights_sha256: `weights_sha256(model)` of the loaded weights; None without weights.
     """
 
     model: PreTrainedModel
@@ -54,6 +62,7 @@ class Teacher:
     id2label: dict[int, str] | None
     processor: object | None = None
     preset: TeacherPreset | None = None
+    weights_sha256: str | None = None
 
 
 def load_teacher(
@@ -64,6 +73,7 @@ def load_teacher(
     trust_remote_code: bool = False,
     model_init_kwargs: dict | None = None,
     dtype: str = "float32",
+    weights: bool = True,
 ) -> Teacher:
     """Load a teacher image model (backbone or classifier) and describe it.
 
@@ -75,6 +85,8 @@ def load_teacher(
         trust_remote_code: allow the repo's own modelling code (off by default).
         model_init_kwargs: extra constructor kwargs, e.g. timm's `{"init_values": 1e-5}`.
         dtype: `float32`, `bfloat16` or `float16` weights.
+        weights: False builds the network on the meta device from its config alone: its shapes, labels and
+            feature size are known, its weights never read.
     """
     preset = None if os.path.isdir(name_or_path) else find_preset(name_or_path)
     repo = preset.hub_id if preset else name_or_path.removeprefix("hf-hub:")
@@ -94,8 +106,14 @@ def load_teacher(
         # The feature is the CLS token; an unused dense+tanh pooler would only add parameters.
         init_kwargs.setdefault("add_pooling_layer", False)
     auto = AutoModelForImageClassification if _is_classifier(config) else AutoModel
-    model = instantiate(lambda cfg, **kw: auto.from_pretrained(repo, config=cfg, **kw), config,
-                        dtype=TEACHER_DTYPES[parse_teacher_dtype(dtype)], **hub, **init_kwargs)
+    torch_dtype = TEACHER_DTYPES[parse_teacher_dtype(dtype)]
+    if weights:
+        model = instantiate(lambda cfg, **kw: auto.from_pretrained(repo, config=cfg, **kw), config,
+                            dtype=torch_dtype, **hub, **init_kwargs)
+    else:
+        with torch.device("meta"):
+            model = instantiate(auto.from_config, config, trust_remote_code=trust_remote_code, **init_kwargs)
+        model.to(dtype=torch_dtype)
     model.eval().requires_grad_(False)
     processor = _load_processor(repo, hub)
     mean, std = normalization_from_processor(processor if processor is not None else config)
@@ -111,7 +129,21 @@ def load_teacher(
         id2label={int(k): v for k, v in model.config.id2label.items()} if head else None,
         processor=processor,
         preset=preset,
+        weights_sha256=weights_sha256(model) if weights else None,
     )
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """The SHA-256 of a network's weights: every state-dict entry's name, dtype, shape and bytes, in name order.
+
+    It names a frozen teacher in a checkpoint; it reads every byte once (seconds for a 1B-parameter teacher).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def check_gated_access(preset: TeacherPreset, token: str | bool | None) -> None:

@@ -13,11 +13,14 @@
   mid-save), which the Trainer would otherwise "resume" from step 0; `check_resumable` refuses an explicit one;
   `StaleCheckpointCallback` makes an older `checkpoint-N` that is about to be overwritten incomplete first.
 - `is_checkpoint_folder` states which folders receive the full distillation state rather than the student alone.
+- `check_checkpoint_teacher`: a checkpoint that names its frozen teacher (instead of storing it) is resumed only
+  with a teacher of the same weights.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -33,7 +36,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint (see is_complete_checkpoint)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME
 
+from ..modeling_distillation import check_teacher_hash
 from .launcher import follow_launcher, reroute_orphaned_output
 
 logger = logging.getLogger(__name__)
@@ -258,8 +263,9 @@ def _non_finite_state_message(step: int, names: list[str], args, state) -> str:
 def is_checkpoint_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a Trainer checkpoint folder, `checkpoint-<step>` (transformers' `PREFIX_CHECKPOINT_DIR`).
 
-    The rule of `DistillationTrainer._save`: a checkpoint folder receives the full distillation state (teacher,
-    key pathway, queue, so that training resumes exactly); any other folder receives the student alone.
+    The rule of `DistillationTrainer._save`: a checkpoint folder receives the full distillation state (key
+    pathway, queue, a momentum teacher; a frozen teacher is named, not stored: see `check_checkpoint_teacher`),
+    so that training resumes exactly; any other folder receives the student alone.
     """
     return CHECKPOINT_NAME.fullmatch(Path(path).name) is not None
 
@@ -331,6 +337,25 @@ def check_resumable(checkpoint: str | os.PathLike) -> None:
         f"Trainer writes last), left by a save that was cut short, and the Trainer would restart it from step 0. "
         f"{advice}"
     )
+
+
+def check_checkpoint_teacher(checkpoint: str | os.PathLike, model) -> None:
+    """Raise `TeacherMismatchError` when `checkpoint` names its frozen teacher by a weights hash that the teacher
+    `model` holds now does not have (the name or folder now holds other weights).
+
+    Nothing is checked when the checkpoint names no hash, or when `model` holds no teacher (its outputs come
+    from a teacher-feature cache) or stores its teacher in checkpoints (a momentum teacher, one of unknown name or
+    hash). The model's hash is the one computed when its teacher was loaded (`config.teacher_weights_sha256`).
+    """
+    config_file = os.path.join(checkpoint, CONFIG_NAME)
+    if not model.names_teacher or not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as f:
+        saved = json.load(f)
+    if not saved.get("teacher_weights_sha256"):
+        return
+    check_teacher_hash(saved.get("teacher_name_or_path"), saved.get("teacher_revision"),
+                       saved["teacher_weights_sha256"], model.config.teacher_weights_sha256)
 
 
 class StaleCheckpointCallback(TrainerCallback):
