@@ -244,14 +244,15 @@ def build_feature_cache(teacher_forward: TeacherForward, dataset, collator, path
     settings = settings or BuildSettings()
     if not collator.views or collator.feature_cache is not None:
         raise ValueError("Building a teacher-feature cache needs a collator with fixed views and no cache of its own.")
-    if info.get("storage_dtype", settings.storage_dtype) != settings.storage_dtype:
-        raise ValueError(f"The cache is to store {info['storage_dtype']}, the build {settings.storage_dtype}.")
+    for name, value in (("storage_dtype", settings.storage_dtype), ("seed", collator.seed)):
+        if info.get(name, value) != value:
+            raise ValueError(f"The cache is to record {name} {info[name]!r}, but the build uses {value!r}.")
     if settings.storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"The cache stores {', '.join(STORAGE_DTYPES)}, not {settings.storage_dtype!r}.")
     started = time.perf_counter()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    facts = {**info, "storage_dtype": settings.storage_dtype, "views": collator.views,
+    facts = {**info, "seed": collator.seed, "storage_dtype": settings.storage_dtype, "views": collator.views,
              "streaming": not isinstance(dataset, datasets.Dataset), "shard_size": settings.shard_size}
     num_examples = _compute_my_shards(teacher_forward, dataset, collator, path, facts, settings)
     settings.barrier()
