@@ -1,4 +1,5 @@
-"""What a distillation step costs beyond the work no distillation can avoid, in time (`time`) or peak memory (`memory`).
+"""What a distillation step costs beyond the work no distillation can avoid: time (`time`), the time of each of
+MoMA's own pieces (`parts`), or peak memory (`memory`).
 
 Every workload is a real `Trainer.train()` of a few steps on one batch of real H&E patches (the first
 `--batch_size` files of nct-crc-mini, sorted, labels from the folder names), so what is measured is the step the
@@ -16,10 +17,18 @@ copy of it (`teacher_update="momentum"`), and "frozen_vit", the same student und
 transformers teacher with a head for the student's labels.
 
 `time`: in one process, the workloads of a pair train in turn, `--rounds` times each, `--warmup + --steps` steps a
-round; a `TrainerCallback` times each step from `on_step_begin` to `on_step_end` (after the momentum update and
-the enqueue; data loading and logging are outside), and the first `--warmup` steps of each round are dropped.
-The median step gives the last lines, `overhead_ratio_<pair>: moma / baseline`. On CUDA the runs use bf16 and
-`channels_last` networks, and each step is timed between `torch.cuda.synchronize()` calls.
+round; a `TrainerCallback`, added after the trainer's own, times each step from `on_step_begin` to `on_step_end`
+(after the momentum update and the enqueue; data loading and logging are outside), and the first `--warmup` steps
+of each round are dropped. The median step gives the last lines, `overhead_ratio_<pair>: moma / baseline`; the
+ratio of each round's medians shows the spread. On CUDA the runs use bf16 and `channels_last` networks, and each
+step is timed between `torch.cuda.synchronize()` calls.
+
+`parts`: each piece MoMA adds to a step, run alone at the step's shapes on the trainer's own model (queue full):
+`g_S`/`A_q` forward and backward, `g_T`/`A_k`, the K x D queue product (`info_nce` forward and backward), the
+optimiser step and clipping of the heads, the EMA (`torch._foreach_lerp_`), the key gather, the enqueue,
+`compute_loss`'s bookkeeping, the NaN guard and the Trainer's `floating_point_ops`; pieces in turn every round.
+The table gives each piece's median, its spread over rounds and its share of the reference step (teacher forward +
+student step, also run alone), and the ratio the pieces predict at this reference step and at twice it.
 
 `memory`: each workload trains `--steps` steps in a fresh Python process, so that one's peak cannot hide in
 another's. On CPU the figure is the process's peak RSS (`ru_maxrss`), and its RSS when the first step begins;
@@ -30,6 +39,7 @@ and identical runs give identical peaks. The last lines are `<pair>: moma_vs_bas
 
     python benchmarks/step_cost.py time                                  # CPU: batch 32, 112 px
     python benchmarks/step_cost.py time --device cuda --batch_size 128 --image_size 224
+    python benchmarks/step_cost.py parts                                 # CPU: batch 32, 112 px
     python benchmarks/step_cost.py memory                                # CPU: batch 32, 224 px
     python benchmarks/step_cost.py memory --device cuda --batch_size 64
 """
@@ -47,6 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -122,15 +133,21 @@ def build_trainer(workload: str, pair: str, examples: list[dict], id2label: dict
         remove_unused_columns=False,
     )
     if workload == "baseline":
-        return Trainer(model=TeacherThenStudent(student, teacher), args=TrainingArguments(**settings),
-                       train_dataset=examples, callbacks=callbacks)
-    model = distillation_model_class(workload).from_student_and_teacher(
-        student, teacher, dict(id2label), method=workload, projection_dim=512, num_attention_heads=4,
-        queue_size=args.queue_size, global_batch_size=args.batch_size,
-        teacher_update="momentum" if pair == "momentum" else "frozen",
-    )
-    return DistillationTrainer(model=model, args=DistillationTrainingArguments(**settings), train_dataset=examples,
-                               callbacks=callbacks)
+        trainer = Trainer(model=TeacherThenStudent(student, teacher), args=TrainingArguments(**settings),
+                          train_dataset=examples)
+    else:
+        model = distillation_model_class(workload).from_student_and_teacher(
+            student, teacher, dict(id2label), method=workload, projection_dim=512, num_attention_heads=4,
+            queue_size=args.queue_size, global_batch_size=args.batch_size,
+            teacher_update="momentum" if pair == "momentum" else "frozen",
+        )
+        trainer = DistillationTrainer(model=model, args=DistillationTrainingArguments(**settings),
+                                      train_dataset=examples)
+    # Added last, after the trainer's own callbacks: passed to the constructor they would come before
+    # DistillationStepCallback, and `on_step_end` would stop the clock before the momentum update and the enqueue.
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
 
 
 def synchronize() -> None:
@@ -167,7 +184,7 @@ def measure_time(args) -> dict[str, float]:
           f"torch {torch.__version__}" + (", torch.compile" if args.compile else ""))
     print("| pair | baseline: teacher forward + student step | MoMA step | KD step | MoMA / baseline | KD / baseline |"
           "\n| --- | --- | --- | --- | --- | --- |")
-    ratios = {}
+    ratios, per_round = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in args.pairs:
             clocks = {workload: StepClock() for workload in WORKLOADS}
@@ -179,11 +196,149 @@ def measure_time(args) -> dict[str, float]:
             median = {w: statistics.median(t for r in clock.rounds for t in r[args.warmup:])
                       for w, clock in clocks.items()}
             ratios[pair] = median["moma"] / median["baseline"]
+            # The ratio of each round's medians: rounds ran back to back, so their spread shows the machine's drift.
+            per_round[pair] = [statistics.median(m[args.warmup:]) / statistics.median(b[args.warmup:])
+                               for m, b in zip(clocks["moma"].rounds, clocks["baseline"].rounds)]
             print(f"| {pair} | " + " | ".join(f"{1000 * median[w]:.1f} ms" for w in WORKLOADS)
                   + f" | {ratios[pair]:.3f} | {median['kd'] / median['baseline']:.3f} |", flush=True)
     for pair, ratio in ratios.items():
+        print(f"{pair}: MoMA / baseline per round: {', '.join(f'{r:.3f}' for r in per_round[pair])}")
+    for pair, ratio in ratios.items():
         print(f"overhead_ratio_{pair}: {ratio:.3f}")
     return ratios
+
+
+def moma_parts(trainer, examples: list[dict], args) -> dict[str, Callable[[], object]]:
+    """MoMA's fixed costs, each a callable that runs one piece of a MoMA step alone at the step's shapes.
+
+    The model is the trainer's own `MoMAForDistillation`, its queue full (the steady state); the first two
+    entries are the work every distillation does, for scale. Features are random: time does not depend on values.
+    """
+    from transformers import default_data_collator
+
+    from moma_hf.losses import info_nce
+    from moma_hf.networks.backbones import feature_dim
+
+    model, batch = trainer.distillation_model, default_data_collator(examples)
+    model.train()
+    model(**batch)  # fits a frozen teacher's g_T once, as the first step does
+    model.enqueue(torch.nn.functional.normalize(torch.randn(args.queue_size, model.config.projection_dim), dim=-1))
+    features = torch.randn(args.batch_size, feature_dim(model.student), requires_grad=True)
+    teacher_features = torch.randn(args.batch_size, feature_dim(model.teacher))
+    query = torch.nn.functional.normalize(torch.randn(args.batch_size, model.config.projection_dim), dim=-1)
+    query.requires_grad_(True)
+    with torch.no_grad():
+        keys = model.key_attention(model.key_head(teacher_features))
+    outputs = model(**batch)
+    extra = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("student.")]
+    for p in extra:
+        p.grad = torch.randn_like(p)
+    extra_optimizer = torch.optim.SGD(extra, lr=1e-3, momentum=0.9)
+    student_optimizer = torch.optim.SGD(model.student.parameters(), lr=1e-3, momentum=0.9)
+    labels = batch["labels"]
+    guard, flags = trainer.step_guard, torch.zeros(len(trainer.step_guard.term_names))
+
+    def student_step():
+        student_optimizer.zero_grad()
+        model.student(pixel_values=batch["pixel_values"], labels=labels).loss.backward()
+        student_optimizer.step()
+
+    def query_side():  # g_S and A_q, forward and backward
+        model.query_attention(model.query_head(features)).backward(torch.ones(args.batch_size, query.shape[1]))
+
+    def queue_product():  # the K x D product, mask, softmax over K + 1, backward to the query
+        info_nce(query, keys, model.key_queue.queue, model.config.contrastive_temperature,
+                 model.key_queue.valid_mask()).backward()
+
+    def key_side():
+        with torch.no_grad():
+            model.key_attention(model.key_head(teacher_features))
+
+    def extras_step():
+        extra_optimizer.step()
+        torch.nn.utils.clip_grad_norm_(extra, 1.0)
+
+    # Without keys, so that nothing piles up to enqueue: the gather is timed on its own below.
+    keyless = _Replay(type(outputs)(**{k: v for k, v in outputs.items() if k != "contrastive_keys"}))
+
+    def nan_guard():
+        guard.record(flags)
+        guard.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+
+    def teacher_forward():
+        with torch.no_grad():
+            model.teacher(pixel_values=batch["pixel_values"])
+
+    return {
+        "student step (forward, CE, backward, SGD)": student_step,
+        "teacher forward (no grad)": teacher_forward,
+        "g_S + A_q forward and backward": query_side,
+        "g_T + A_k forward (no grad)": key_side,
+        "queue product: info_nce forward and backward": queue_product,
+        "SGD step + grad clip of the heads and attention": extras_step,
+        "EMA: _foreach_lerp_ over the key-side tensors": model.momentum_update,
+        "key gather (accelerator.gather)": lambda: trainer.accelerator.gather(keys),
+        "enqueue": lambda: model.enqueue(keys),
+        "compute_loss bookkeeping: term stacking, NaN record": lambda: trainer.compute_loss(keyless, batch),
+        "NaN guard: record + pre-optimizer check (host sync)": nan_guard,
+        "Trainer's floating_point_ops (walks the parameters)": lambda: trainer.floating_point_ops(batch),
+    }
+
+
+class _Replay(nn.Module):
+    """A model whose forward returns fixed outputs: `compute_loss(_Replay(out), batch)` times the bookkeeping alone."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, **inputs):
+        return self.outputs
+
+
+def measure_parts(args) -> dict[str, dict[str, float]]:
+    """`parts`: each piece of a MoMA step alone, `--repeats_per_part` calls a round, pieces in turn every round.
+
+    Prints, per pair, the median ms per call, the spread (min-max of the round medians) and each MoMA-only
+    piece's share of the reference step (teacher forward + student step), then the ratio those pieces predict.
+    """
+    examples, id2label = load_examples(args.data_dir, args.batch_size, args.image_size)
+    print(f"per-part cost, device {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.image_size} px, queue {args.queue_size}, D 512, 4 heads, median of {args.rounds} rounds x "
+          f"{args.repeats_per_part} calls")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in args.pairs:
+            trainer = build_trainer("moma", pair, examples, id2label, args, f"{tmp}/{pair}", [])
+            parts = moma_parts(trainer, examples, args)
+            rounds: dict[str, list[float]] = {name: [] for name in parts}
+            for _ in range(args.rounds):
+                for name, part in parts.items():
+                    part()  # warm-up call
+                    synchronize()
+                    start = time.perf_counter()
+                    for _ in range(args.repeats_per_part):
+                        part()
+                    synchronize()
+                    rounds[name].append((time.perf_counter() - start) / args.repeats_per_part)
+            results[pair] = print_parts(pair, rounds)
+    return results
+
+
+def print_parts(pair: str, rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Print one pair's table; the first two parts are the reference step, the others MoMA's fixed costs."""
+    median = {name: statistics.median(values) for name, values in rounds.items()}
+    names = list(median)
+    reference = median[names[0]] + median[names[1]]
+    print(f"\n| {pair} | ms (median) | spread (ms) | share of the reference step |\n| --- | --- | --- | --- |")
+    for name in names:
+        share = "reference" if name in names[:2] else f"{100 * median[name] / reference:.2f}%"
+        print(f"| {name} | {1000 * median[name]:.2f} | {1000 * min(rounds[name]):.2f}-{1000 * max(rounds[name]):.2f}"
+              f" | {share} |")
+    fixed = sum(median[name] for name in names[2:])
+    print(f"{pair}: fixed_ms: {1000 * fixed:.1f}, reference_step_ms: {1000 * reference:.1f}, predicted ratio "
+          f"{1 + fixed / reference:.3f}; at twice the reference step: {1 + fixed / (2 * reference):.3f}")
+    return {**median, "fixed": fixed, "reference": reference}
 
 
 def current_memory(device: str) -> int:
@@ -291,7 +446,7 @@ def measure_memory(args) -> dict:
 def main(argv: list[str] | None = None):
     """Parse the measure and its flags, run it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("measure", choices=("time", "memory"))
+    parser.add_argument("measure", choices=("time", "parts", "memory"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--batch_size", type=int, default=32)
@@ -303,6 +458,7 @@ def main(argv: list[str] | None = None):
     timing = parser.add_argument_group("time")
     timing.add_argument("--rounds", type=int, default=4, help="train() calls per workload, in turn")
     timing.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
+    timing.add_argument("--repeats_per_part", type=int, default=10, help="parts: calls of each piece a round")
     memory = parser.add_argument_group("memory")
     memory.add_argument("--repeats", type=int, default=1, help="baseline/moma children per pair, alternated")
     memory.add_argument("--threads", type=int, default=2, help="torch threads in each child (one child at a time)")
@@ -310,11 +466,13 @@ def main(argv: list[str] | None = None):
     memory.add_argument("--json", type=Path, help="also write the figures and ratios here")
     memory.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.image_size = args.image_size or (112 if args.measure == "time" else 224)
+    args.image_size = args.image_size or (224 if args.measure == "memory" else 112)
     args.steps = args.steps or (5 if args.measure == "time" else 2)
     torch.manual_seed(0)
     if args.measure == "time":
         return measure_time(args)
+    if args.measure == "parts":
+        return measure_parts(args)
     if args.child:
         torch.set_num_threads(args.threads)  # children run one at a time, so each may use every core
         print(MARKER + json.dumps(run_memory_child(args)), flush=True)
