@@ -10,18 +10,28 @@
    the labels, 80 steps, the scenario's seeds or `--seeds`) runs MoMA with and without the cache
    (`--cache_views` views), paired, reusing the harness's teacher, subsets and finished runs.
 
-The last two lines are `cache_speedup: <x>` and `cache_macro_f1_delta: <points>` (cached minus uncached, mean
-over seeds, with its 95% interval printed above)::
+3. The caching pass (`--build_teacher` ViT, default ViT-B-sized, over `--build_images` patches, 2 views): its
+   throughput in 2 gloo processes against 1 (`accelerate launch`, one torch thread each, the same shards), and
+   float16/bfloat16 storage against float32 (relative feature error per image and view, disk size), beside the
+   error of a bfloat16 teacher (`--teacher_dtype bfloat16`) against the float32 one.
+
+The result lines are `cache_speedup: <x>`, `cache_macro_f1_delta: <points>` (cached minus uncached, mean over
+seeds, with its 95% interval printed above), `cache_build_scaling: <ratio>` and the storage errors::
 
     python benchmarks/feature_cache.py                                   # ViT-L teacher, scenario seeds
     python benchmarks/feature_cache.py --teacher vit-base --skip_accuracy
     python benchmarks/feature_cache.py --skip_speed --seeds 0 1 2 3 4 5
+    python benchmarks/feature_cache.py --skip_speed --skip_accuracy --skip_storage   # cache_build_scaling
+    python benchmarks/feature_cache.py --skip_speed --skip_accuracy --skip_scaling   # storage precision
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +40,7 @@ import yaml
 
 from moma_hf.commands import compare as cm
 from moma_hf.commands import distill
+from moma_hf.data import TeacherFeatureCache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +85,83 @@ def measure_speed(args, work: Path) -> dict[str, float]:
     return {**runtimes, "build_seconds": info["build_seconds"], "images": info["num_rows"]}
 
 
+def build_setup(args, work: Path) -> dict[str, object]:
+    """The caching-pass runs' shared `moma-distill` flags: `--build_images` patches, a `--build_teacher` ViT."""
+    pool = cm.list_images(args.data_dir / "train")
+    files, _ = cm.stratified_split(pool, args.build_images / sum(map(len, pool.values())), seed=0)
+    teacher = vit_teacher(work / "teacher", args.build_teacher, args.image_size)
+    return {"train_dir": cm.link_subset(files, work / "images"), "teacher_model_name_or_path": teacher,
+            "student_model_name_or_path": "resnet18", "image_size": args.image_size, "max_steps": 1,
+            "per_device_train_batch_size": 16, "cache_teacher_features": True, "cache_views": 2,
+            "cache_shard_size": max(1, args.build_images // 8), "save_strategy": "no", "report_to": "none",
+            "disable_tqdm": True, "queue_size": 64, "projection_dim": 128, "dataloader_num_workers": 0}
+
+
+def cache_info(cache: Path) -> dict:
+    """A built cache's `cache_info.json`."""
+    return json.loads((cache / "cache_info.json").read_text())
+
+
+def measure_build_scaling(args, work: Path) -> dict[str, float]:
+    """Images x views per second of the caching pass in 1 and in 2 gloo processes, one torch thread each.
+
+    Each pass is a real `moma-distill` (then one training step): alone, and under `accelerate launch`.
+    """
+    common = build_setup(args, work)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    rates = {}
+    for processes, prefix in ((1, [sys.executable]), (2, launcher)):
+        out = work / f"scaling-{processes}"
+        flags = [f"--{k}={v}" for k, v in {**common, "output_dir": out, "use_cpu": True}.items()]
+        subprocess.run([*prefix, "-m", "moma_hf.commands.distill", *flags], env=env, check=True)
+        info = cache_info(out / "_teacher-feature-cache")
+        rates[processes] = info["num_rows"] * info["views"] / info["build_seconds"]
+    return rates
+
+
+def measure_storage(args, work: Path) -> dict[str, dict[str, float]]:
+    """Per (image, view) relative feature error `|f - f32| / |f32|` (max, mean) against the float32 cache, and disk
+    size against it: float16 and bfloat16 storage, and a bfloat16 teacher (`--teacher_dtype`) stored in float32."""
+    common = build_setup(args, work)
+    variants = {"float32": {}, "float16": {"cache_dtype": "float16"}, "bfloat16": {"cache_dtype": "bfloat16"},
+                "bf16 teacher": {"teacher_dtype": "bfloat16"}}
+    caches = {}
+    for name, extra in variants.items():
+        out = work / f"storage-{name.replace(' ', '-')}"
+        code = distill.main([f"--{k}={v}" for k, v in {**common, **extra, "output_dir": out}.items()])
+        if code:
+            raise RuntimeError(f"the {name} run stopped with exit code {code}")
+        caches[name] = TeacherFeatureCache(out / "_teacher-feature-cache")
+    exact = caches["float32"].outputs()
+    sizes = {name: sum(f.stat().st_size for f in cache.path.glob("shard-*.arrow")) for name, cache in caches.items()}
+    results = {}
+    for name, cache in caches.items():
+        error = (cache.outputs() - exact).norm(dim=-1) / exact.norm(dim=-1)
+        results[name] = {"max": error.max().item(), "mean": error.mean().item(),
+                         "disk": sizes[name] / sizes["float32"]}
+    return results
+
+
+def report_build(args, work: Path) -> tuple[float, dict]:
+    """Run and print the caching pass's scaling and the storage comparison; `(scaling ratio, storage results)`."""
+    scaling, storage = float("nan"), {}
+    what = f"{args.build_teacher}/16 teacher, {args.image_size} px, {args.build_images} images x 2 views"
+    if not args.skip_scaling:
+        rates = measure_build_scaling(args, work / "scaling")
+        scaling = rates[2] / rates[1]
+        print(f"\ncaching pass, {what}, one torch thread per process\n| processes | images x views / s |\n"
+              f"| --- | --- |\n| 1 | {rates[1]:.2f} |\n| 2 | {rates[2]:.2f} |")
+    if not args.skip_storage:
+        storage = measure_storage(args, work / "storage")
+        print(f"\nstorage precision, {what}: relative feature error against float32 storage of a float32 teacher\n"
+              "| cache | max | mean | disk vs float32 |\n| --- | --- | --- | --- |")
+        for name, row in storage.items():
+            print(f"| {name} | {row['max']:.2e} | {row['mean']:.2e} | {row['disk']:.3f} |")
+    return scaling, storage
+
+
 def measure_accuracy(args) -> list[tuple[int, float, float]]:
     """`(seed, uncached macro-F1, cached macro-F1)` on the same-task scenario."""
     config = yaml.safe_load(SAME_TASK.read_text())
@@ -102,6 +190,11 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--seeds", nargs="+", type=int, help="accuracy seeds (default: the scenario's)")
     parser.add_argument("--skip_speed", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
+    parser.add_argument("--build_images", type=int, default=256, help="images of the caching-pass measurements")
+    parser.add_argument("--build_teacher", choices=tuple(VIT_SIZES), default="vit-base",
+                        help="the caching-pass measurements' teacher")
+    parser.add_argument("--skip_scaling", action="store_true", help="skip the 1-vs-2-process caching pass")
+    parser.add_argument("--skip_storage", action="store_true", help="skip the float16/bfloat16 storage comparison")
     args = parser.parse_args(argv)
     speedup = float("nan")
     if not args.skip_speed:
@@ -125,8 +218,14 @@ def main(argv=None) -> tuple[float, float]:
         if len(differences) > 1:
             half = cm.t_quantile(len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
             print(f"mean difference {delta:+.2f} points, 95% CI [{delta - half:+.2f}, {delta + half:+.2f}]")
+    with tempfile.TemporaryDirectory() as tmp:
+        scaling, storage = report_build(args, Path(tmp))
     print(f"cache_speedup: {speedup:.2f}")
     print(f"cache_macro_f1_delta: {delta:+.2f}")
+    print(f"cache_build_scaling: {scaling:.2f}")
+    for name in ("float16", "bfloat16", "bf16 teacher"):
+        if name in storage:
+            print(f"cache_{name.replace(' ', '_')}_max_relative_error: {storage[name]['max']:.2e}")
     return speedup, delta
 
 

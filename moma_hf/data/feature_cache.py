@@ -180,6 +180,10 @@ class TeacherFeatureCache:
                 batch[out] = _to_float32(picked, self.storage_dtype)
         return batch
 
+    def outputs(self, name: str = "features") -> torch.Tensor:
+        """Every row's outputs in row order, float32: `(num_rows, V, d_t)` ("features") or `(num_rows, V, C)`."""
+        return torch.cat([_to_float32(shard[name], self.storage_dtype) for shard in self.shards])
+
     def check_compatible(self, expected: dict[str, Any]) -> None:
         """Raise when the cache was built for another teacher, dataset, view count, augmentation or storage."""
         check_same_run(self.info, expected, self.path)
