@@ -455,13 +455,13 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--queue_size", type=int, default=16384, help="MoMA's K; lower it to attribute memory")
     parser.add_argument("--data_dir", type=Path, default=DATA)
     parser.add_argument("--compile", action="store_true", help="train every workload with --torch_compile")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 2 in each memory child)")
     timing = parser.add_argument_group("time")
     timing.add_argument("--rounds", type=int, default=4, help="train() calls per workload, in turn")
     timing.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
     timing.add_argument("--repeats_per_part", type=int, default=10, help="parts: calls of each piece a round")
     memory = parser.add_argument_group("memory")
     memory.add_argument("--repeats", type=int, default=1, help="baseline/moma children per pair, alternated")
-    memory.add_argument("--threads", type=int, default=2, help="torch threads in each child (one child at a time)")
     memory.add_argument("--glibc_malloc", action="store_true", help="keep glibc's adaptive mmap threshold (noisier)")
     memory.add_argument("--json", type=Path, help="also write the figures and ratios here")
     memory.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -469,12 +469,15 @@ def main(argv: list[str] | None = None):
     args.image_size = args.image_size or (224 if args.measure == "memory" else 112)
     args.steps = args.steps or (5 if args.measure == "time" else 2)
     torch.manual_seed(0)
+    if args.threads and not args.child:
+        torch.set_num_threads(args.threads)
+    args.threads = args.threads or 2  # memory children run one at a time, so each may use every core
     if args.measure == "time":
         return measure_time(args)
     if args.measure == "parts":
         return measure_parts(args)
     if args.child:
-        torch.set_num_threads(args.threads)  # children run one at a time, so each may use every core
+        torch.set_num_threads(args.threads)
         print(MARKER + json.dumps(run_memory_child(args)), flush=True)
         return None
     return measure_memory(args)
