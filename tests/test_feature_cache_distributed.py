@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import REPO, launch_env, launch_two_processes, make_trainer
+from conftest import REPO, launch_command, launch_env, launch_two_processes, make_trainer
 
 from moma_hf.commands.teacher_cache import cache_teacher_outputs
 from moma_hf.data.feature_cache import META_FILE, read_shard
@@ -86,35 +86,64 @@ def _wait_for_shards(process: subprocess.Popen, cache: Path, count: int, timeout
         time.sleep(0.05)
 
 
+def _run_and_stop(command: list[str], cache: Path, ranks: int, stop_rank: int) -> tuple[int, str]:
+    """Start `command`, SIGTERM the worker of `stop_rank` once 3 shards are done; `(exit code, output)`."""
+    job = subprocess.Popen(command, cwd=REPO, env={**launch_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_shards(job, cache, 3)
+        workers = [p for p in psutil.Process(job.pid).children(recursive=True) if str(WORKER) in " ".join(p.cmdline())]
+        assert len(workers) == ranks
+        rank_of = {p: int(p.environ().get("RANK", "0")) for p in workers}
+        target = next(p for p in workers if rank_of[p] == stop_rank)
+        target.send_signal(signal.SIGTERM)  # this worker alone: every rank must stop, and the launcher exit 143
+        output, _ = job.communicate(timeout=120)
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, output[-4000:]
+        return job.returncode, output
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+SMALL_SHARDS = ("--shard_size", 8, "--batch_size", 4)  # 129 examples make 17 shards of 8, the last of 1
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_a_pass_stopped_by_sigterm_exits_143_and_resumes_with_only_the_missing_shards(nct_mini_dir, tmp_path):
     cache = tmp_path / "cache"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                "--mixed_precision", "no", "--dynamo_backend", "no",
-               *_worker_args(nct_mini_dir, cache, tmp_path / "out-1", "--shard_size", 8, "--batch_size", 4,
-                             "--slow", 0.25)]
-    job = subprocess.Popen(command, cwd=REPO, env={**launch_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        _wait_for_shards(job, cache, 3)
-        workers = [p for p in psutil.Process(job.pid).children(recursive=True) if str(WORKER) in " ".join(p.cmdline())]
-        assert len(workers) == 1
-        workers[0].send_signal(signal.SIGTERM)  # the worker alone: it must stop, then make the launcher exit 143
-        output, _ = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == PREEMPTED, output[-4000:]
+               *_worker_args(nct_mini_dir, cache, tmp_path / "out-1", *SMALL_SHARDS, "--slow", 0.25)]
+    code, output = _run_and_stop(command, cache, ranks=1, stop_rank=0)
+    assert code == PREEMPTED, output[-4000:]
     assert "Rerun the same command to continue the cache" in output
     kept = {f.name: f.stat().st_mtime_ns for f in cache.glob("shard-*.arrow")}
-    assert 3 <= len(kept) < 17 and not (cache / META_FILE).exists()  # 129 examples make 17 shards of 8
+    assert 3 <= len(kept) < 17 and not (cache / META_FILE).exists()
 
-    _build_alone(nct_mini_dir, cache, tmp_path / "out-2", "--shard_size", 8, "--batch_size", 4)
-    kept_examples = sum(1 if name == "shard-00016.arrow" else 8 for name in kept)  # the last shard holds 1
+    _build_alone(nct_mini_dir, cache, tmp_path / "out-2", *SMALL_SHARDS)
+    kept_examples = sum(1 if name == "shard-00016.arrow" else 8 for name in kept)
     assert _forwards(tmp_path / "out-2") == {0: 2 * (129 - kept_examples)}  # only the missing shards, both views
     assert kept == {name: (cache / name).stat().st_mtime_ns for name in kept}  # finished shards are never rewritten
     assert not list(cache.glob("*.partial"))  # an abandoned shard's leftover is gone
 
-    _build_alone(nct_mini_dir, tmp_path / "straight", tmp_path / "out-3", "--shard_size", 8, "--batch_size", 4)
+    _build_alone(nct_mini_dir, tmp_path / "straight", tmp_path / "out-3", *SMALL_SHARDS)
+    _assert_same_cache(cache, tmp_path / "straight")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_of_two_builders_stops_both_and_one_process_finishes_the_same_cache(nct_mini_dir, tmp_path):
+    cache = tmp_path / "cache"
+    command = launch_command(WORKER, *_worker_args(nct_mini_dir, cache, tmp_path / "out-1", *SMALL_SHARDS,
+                                                   "--slow", 0.25)[1:])
+    code, output = _run_and_stop(command, cache, ranks=2, stop_rank=1)  # rank 0 learns it at the next round
+    assert code == PREEMPTED, output[-4000:]
+    assert "Rerun the same command to continue the cache" in output
+    kept = {f.name for f in cache.glob("shard-*.arrow")}
+    assert 3 <= len(kept) < 17 and not (cache / META_FILE).exists()
+
+    _build_alone(nct_mini_dir, cache, tmp_path / "out-2", *SMALL_SHARDS)  # another process count resumes it
+    _build_alone(nct_mini_dir, tmp_path / "straight", tmp_path / "out-3", *SMALL_SHARDS)
     _assert_same_cache(cache, tmp_path / "straight")
