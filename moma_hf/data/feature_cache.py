@@ -109,6 +109,9 @@ class TeacherFeatureCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.info = json.loads((self.path / META_FILE).read_text())
+        if "num_shards" not in self.info:  # the single-file format of earlier versions
+            raise ValueError(f"The teacher-feature cache at {self.path} has an older format. Delete the folder and "
+                             "rerun to rebuild it.")
         self.num_rows, self.views = self.info["num_rows"], self.info["views"]
         self.shard_size, self.storage_dtype = self.info["shard_size"], self.info["storage_dtype"]
         self.shards = [self._open(index) for index in range(self.info["num_shards"])]
