@@ -13,7 +13,9 @@
 3. The caching pass (`--build_teacher` ViT, default ViT-B-sized, over `--build_images` patches, 2 views): its
    throughput in 2 gloo processes against 1 (`accelerate launch`, one torch thread each, the same shards), and
    float16/bfloat16 storage against float32 (relative feature error per image and view, disk size), beside the
-   error of a bfloat16 teacher (`--teacher_dtype bfloat16`) against the float32 one.
+   error of a bfloat16 teacher (`--teacher_dtype bfloat16`) against the float32 one. With
+   `--accuracy_cache_dtype float16`, part 2 pairs a float16 cache against a float32 one instead (the macro-F1
+   change of storage precision; `cache_macro_f1_delta` is then float16 minus float32).
 
 The result lines are `cache_speedup: <x>`, `cache_macro_f1_delta: <points>` (cached minus uncached, mean over
 seeds, with its 95% interval printed above), `cache_build_scaling: <ratio>` and the storage errors::
@@ -23,6 +25,7 @@ seeds, with its 95% interval printed above), `cache_build_scaling: <ratio>` and 
     python benchmarks/feature_cache.py --skip_speed --seeds 0 1 2 3 4 5
     python benchmarks/feature_cache.py --skip_speed --skip_accuracy --skip_storage   # cache_build_scaling
     python benchmarks/feature_cache.py --skip_speed --skip_accuracy --skip_scaling   # storage precision
+    python benchmarks/feature_cache.py --skip_speed --skip_scaling --skip_storage --accuracy_cache_dtype float16
 """
 
 from __future__ import annotations
@@ -163,17 +166,21 @@ def report_build(args, work: Path) -> tuple[float, dict]:
 
 
 def measure_accuracy(args) -> list[tuple[int, float, float]]:
-    """`(seed, uncached macro-F1, cached macro-F1)` on the same-task scenario."""
+    """`(seed, uncached macro-F1, cached macro-F1)` on the same-task scenario; with `--accuracy_cache_dtype`,
+    `(seed, float32-cache macro-F1, that dtype's cache macro-F1)`."""
     config = yaml.safe_load(SAME_TASK.read_text())
     out = REPO / "outputs" / "compare" / SAME_TASK.stem
     teacher, test_dir, pool = cm.prepare_scenario(config, out)
     cached = f"moma --cache_teacher_features true --cache_views {args.cache_views}"
+    pair = ("moma", cached)
+    if args.accuracy_cache_dtype:
+        pair = (cached, f"{cached} --cache_dtype {args.accuracy_cache_dtype}")
     rows = []
     for seed in args.seeds or config["seeds"]:
         train_dir = cm.labeled_subset(pool, config, seed, out)
         scores = [cm.run_method(variant, seed, train_dir, test_dir, teacher, config,
                                 out / f"seed{seed}" / cm.variant_dir(variant))["macro_f1"]
-                  for variant in ("moma", cached)]
+                  for variant in pair]
         rows.append((seed, *scores))
     return rows
 
@@ -190,6 +197,8 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--seeds", nargs="+", type=int, help="accuracy seeds (default: the scenario's)")
     parser.add_argument("--skip_speed", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
+    parser.add_argument("--accuracy_cache_dtype", choices=("float16", "bfloat16"),
+                        help="compare a cache stored in this dtype against a float32 one (instead of no cache)")
     parser.add_argument("--build_images", type=int, default=256, help="images of the caching-pass measurements")
     parser.add_argument("--build_teacher", choices=tuple(VIT_SIZES), default="vit-base",
                         help="the caching-pass measurements' teacher")
@@ -209,7 +218,9 @@ def main(argv=None) -> tuple[float, float]:
     delta = float("nan")
     if not args.skip_accuracy:
         rows = measure_accuracy(args)
-        print(f"\nsame-task scenario, MoMA, {args.cache_views} cached views\n| seed | uncached macro-F1 | cached "
+        first, second = ("float32 cache", f"{args.accuracy_cache_dtype} cache") if args.accuracy_cache_dtype else (
+            "uncached", "cached")
+        print(f"\nsame-task scenario, MoMA, {args.cache_views} cached views\n| seed | {first} macro-F1 | {second} "
               "macro-F1 | difference |\n| --- | --- | --- | --- |")
         for seed, plain, cached in rows:
             print(f"| {seed} | {100 * plain:.1f} | {100 * cached:.1f} | {100 * (cached - plain):+.1f} |")
