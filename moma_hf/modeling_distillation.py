@@ -35,7 +35,7 @@ logger = logging.get_logger(__name__)
 
 
 class TeacherMismatchError(ValueError):
-    """The teacher loaded by name is not the one a checkpoint was trained with (other weights)."""
+    """The teacher a checkpoint names cannot be had: other weights under its name, or it cannot be loaded."""
 
 
 class DistillationPreTrainedModel(PreTrainedModel):
@@ -94,6 +94,12 @@ class DistillationPreTrainedModel(PreTrainedModel):
     def attach_teacher(self, teacher: nn.Module) -> None:
         """Make `teacher` this model's frozen teacher (gradients off, eval mode, the config's precision)."""
         self.teacher = teacher.requires_grad_(False).eval().to(dtype=TEACHER_DTYPES[self.config.teacher_dtype])
+        if hasattr(self, "teacher_update"):  # after __init__: a new teacher, so new names to leave out of saves
+            self._leave_named_teacher_out_of_saves()
+
+    def _leave_named_teacher_out_of_saves(self) -> None:
+        self._keys_to_ignore_on_save = (
+            {f"teacher.{name}" for name in self.teacher.state_dict()} if self.names_teacher else set())
 
     def release_teacher(self) -> None:
         """Drop a frozen teacher, e.g. when a teacher-feature cache serves its outputs; its memory is freed.
@@ -104,7 +110,7 @@ class DistillationPreTrainedModel(PreTrainedModel):
         if getattr(self, "teacher_update", None) == TeacherUpdate.MOMENTUM:
             raise ValueError("A momentum teacher is an EMA of the student and cannot be released.")
         self.teacher = None
-        self._keys_to_ignore_on_save = set()
+        self._leave_named_teacher_out_of_saves()  # nothing left to leave out
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -114,15 +120,15 @@ class DistillationPreTrainedModel(PreTrainedModel):
         """Whether checkpoints name the teacher instead of storing it: a frozen teacher loaded by name, its hash
         known (`config.teacher_weights_sha256`)."""
         config = self.config
-        return (getattr(self, "teacher", None) is not None and self.teacher_update == TeacherUpdate.FROZEN
+        return (getattr(self, "teacher", None) is not None
+                and getattr(self, "teacher_update", None) == TeacherUpdate.FROZEN
                 and bool(config.teacher_name_or_path and config.teacher_weights_sha256))
 
     def post_init(self) -> None:
         """transformers' post-init, then keep the key queues out of DDP's per-step buffer broadcast, and a named
         teacher's tensors out of saved weights."""
         super().post_init()
-        if self.names_teacher:
-            self._keys_to_ignore_on_save = {f"teacher.{name}" for name in self.teacher.state_dict()}
+        self._leave_named_teacher_out_of_saves()
         # Every process enqueues the same gathered keys, so the queues are identical by construction; DDP
         # would otherwise re-send them from rank 0 before every forward (32 MiB at K=16384, D=512).
         self._ddp_params_and_buffers_to_ignore = [
@@ -193,8 +199,16 @@ class DistillationPreTrainedModel(PreTrainedModel):
         if not config.teacher_name_or_path:
             raise ValueError("These weights hold no teacher and the config names none to reload: build the model "
                              "with its teacher (from_student_and_teacher).")
-        teacher = load_teacher(config.teacher_name_or_path, config.teacher_revision or "main", token=token,
-                               dtype=config.teacher_dtype)
+        try:
+            teacher = load_teacher(config.teacher_name_or_path, config.teacher_revision or "main", token=token,
+                                   dtype=config.teacher_dtype)
+        except Exception as error:
+            raise TeacherMismatchError(
+                f"These weights hold no teacher: the checkpoint names {config.teacher_name_or_path} at revision "
+                f"{config.teacher_revision}, which could not be reloaded ({type(error).__name__}: {error}). Make "
+                "that teacher reachable (path, Hub access, token), or build the model with its teacher "
+                "(from_student_and_teacher)."
+            ) from error
         check_teacher_hash(config.teacher_name_or_path, config.teacher_revision, config.teacher_weights_sha256,
                            teacher.weights_sha256)
         logger.info("The weights hold no teacher (the checkpoint names it): reloaded %s at revision %s, hash checked.",

@@ -167,6 +167,9 @@ def test_cached_training_never_reads_the_teachers_weights(nct_mini_dir, teacher_
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()  # export and card
     exported = json.loads((out / "config.json").read_text())
     assert exported["distilled_from"]["teacher"] == str(teacher_dir)
+    # from_pretrained cannot reload the named teacher (its weights are gone): it fails, naming it, never random.
+    with pytest.raises(TeacherMismatchError, match="names .*could not be reloaded"):
+        MoMAForDistillation.from_pretrained(out / "checkpoint-8")
 
 
 def test_a_model_without_teacher_refuses_a_batch_without_cached_features(small_moma):
@@ -179,6 +182,14 @@ def test_a_model_without_teacher_refuses_a_batch_without_cached_features(small_m
     features, logits = torch.randn(4, 48), torch.randn(4, 9)
     out = model(images, labels=torch.zeros(4, dtype=torch.long), teacher_features=features, teacher_logits=logits)
     assert torch.isfinite(out.loss)
+    kd = small_moma(method="kd")  # the baselines too
+    kd.release_teacher()
+    kd.train()
+    assert kd.teacher is None and kd.teacher_update == "frozen"
+    assert torch.isfinite(kd(images, labels=torch.zeros(4, dtype=torch.long), teacher_features=features,
+                             teacher_logits=logits).loss)
+    with pytest.raises(ValueError, match="no cached teacher_features"):
+        kd(images, labels=torch.zeros(4, dtype=torch.long))
     momentum = small_moma(teacher_update="frozen")
     momentum.teacher_update = "momentum"
     with pytest.raises(ValueError, match="momentum teacher"):

@@ -123,8 +123,8 @@ def use_feature_cache(model, teacher, train_dataset, collator, args: Distillatio
         model.release_teacher()
     elif frozen and teacher.weights_sha256 is None:  # loaded without weights: the cache must be built first
         teacher = load_run_teacher(args)
-        model.attach_teacher(teacher.model)
         model.config.teacher_weights_sha256 = teacher.weights_sha256
+        model.attach_teacher(teacher.model)
     train_dataset = cache_teacher_outputs(model, train_dataset, collator, args, facts)
     model.release_teacher()
     return train_dataset
