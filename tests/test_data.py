@@ -1,6 +1,7 @@
 """Tests for moma_hf.data (loading, sources, collator) on real H&E patches (read-only: we write only to tmp_path)."""
 import io
 import json
+import random
 import shutil
 import tarfile
 import warnings
@@ -28,6 +29,7 @@ from moma_hf.data import (
     load_rgb_image,
     shard_for_process,
 )
+from moma_hf.data import collator as collator_module
 from moma_hf.data.sources import looks_like_local_path, with_known_features
 
 NCT_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
@@ -290,6 +292,24 @@ def test_collator_normalises_the_same_crop_twice(nct_mini_dir):
     assert torch.allclose(batch["pixel_values"] * std + mean, batch["teacher_pixel_values"] * 0.5 + 0.5, atol=1e-5)
     student_only = PatchCollator(build_eval_transform(48), IMAGENET)(examples)
     assert set(student_only) == {"pixel_values", "labels"} and student_only["labels"].tolist() == [3] * 4
+
+
+def test_per_image_seeding_draws_what_torch_manual_seed_drew(nct_mini_dir, monkeypatch):
+    """The collator seeds torch's CPU generator alone (cheaper, GPUs untouched); the crops stay those that the
+    global `torch.manual_seed` gave, with RandAugment and stain jitter drawing on all three generators."""
+    examples = [{"image": {"path": str(f), "bytes": None}, "label": 1} for f in _nct_files(nct_mini_dir)[:12]]
+    transform = build_train_transform(48, randaugment="rand-n2-m10-mstd0.5", stain_jitter=0.05)
+    batch = PatchCollator(transform, IMAGENET, seed=7)(examples)
+
+    def global_seeding(seed):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    monkeypatch.setattr(collator_module, "_seed_everything", global_seeding)
+    reference = PatchCollator(transform, IMAGENET, seed=7)(examples)
+    assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+    assert len({crop.sum().item() for crop in batch["pixel_values"]}) == len(examples)  # real, distinct draws
 
 
 def test_a_stream_that_declares_no_columns_gets_them_from_its_first_examples(nct_mini_dir):
