@@ -12,7 +12,8 @@ import shlex
 from pathlib import Path
 
 # What never leaves the machine. `Trainer.push_to_hub` (transformers 5) ignores "_*" and "checkpoint-*": the
-# checkpoints (complete or cut short by a crash) hold the teacher's weights and the optimiser, "_*" the
+# checkpoints (complete or cut short by a crash) hold the optimiser and, for a momentum teacher or a checkpoint
+# written before frozen teachers were named instead of stored, the teacher's weights; "_*" the
 # teacher-feature cache. Added here: the Trainer's pickled arguments (pickles are unsafe to load; exports carry
 # training_args.json instead).
 PUSH_IGNORE_PATTERNS = ("_*", "checkpoint-*", "training_args.bin")

@@ -132,8 +132,8 @@ def _comparable(signature: inspect.Signature) -> list[tuple]:
 def test_overridden_trainer_methods_match_the_parent_signature():
     overridden = sorted(name for name, member in vars(DistillationTrainer).items()
                         if callable(member) and hasattr(Trainer, name))
-    assert overridden == ["__init__", "_save", "compute_loss", "create_model_card", "get_eval_dataloader",
-                          "get_test_dataloader", "log", "train"]
+    assert overridden == ["__init__", "_save", "compute_loss", "create_model_card", "floating_point_ops",
+                          "get_eval_dataloader", "get_test_dataloader", "log", "train"]
     # `_save` is the one private override; the class docstring names every override and says why.
     assert [name for name in overridden if name.startswith("_") and not name.startswith("__")] == ["_save"]
     assert all(f"`{name}`" in DistillationTrainer.__doc__ for name in overridden)
@@ -149,6 +149,17 @@ def test_overridden_trainer_methods_match_the_parent_signature():
         assert _comparable(ours) == _comparable(parents), (
             f"Trainer.{name} has a new signature in {version}: {parents}; DistillationTrainer.{name} overrides it as "
             f"{ours}. Update the override (see the DistillationTrainer docstring for why it exists).")
+
+
+def test_the_flop_estimate_counts_the_parameters_once(small_moma, nct_mini_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, max_steps=1, save_strategy="no")
+    model, pixels = trainer.distillation_model, torch.zeros(4, 3, 64, 64)
+    expected = 6 * pixels.numel() * sum(p.numel() for p in model.parameters())  # no embeddings in an image model
+    counts = []
+    original = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters", lambda self, **kw: counts.append(1) or original(self, **kw))
+    assert [trainer.floating_point_ops({"pixel_values": pixels}) for _ in range(3)] == [expected] * 3
+    assert len(counts) == 1 and trainer.floating_point_ops({"labels": torch.zeros(4)}) == 0
 
 
 def test_bf16_runs_the_whole_moma_step_and_keeps_the_queue_in_fp32(small_moma, nct_mini_dir, tmp_path):

@@ -35,10 +35,9 @@ from moma_hf.hub import check_push_access, push_student
 from moma_hf.networks.backbones import input_size
 from moma_hf.networks.students import SAME_AS_TEACHER, build_student
 from moma_hf.networks.teachers import load_teacher
-from moma_hf.training.launcher import notify_launcher
+from moma_hf.training.launcher import PREEMPTED_EXIT_CODE, notify_launcher
 from moma_hf.training.run_folder import check_output_dir, prepare_output_dir
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 logger = logging.get_logger("distill")
 
 

@@ -25,11 +25,14 @@ import torch
 from moma_hf.configuration_distillation import TeacherUpdate
 from moma_hf.data.feature_cache import DEFAULT_DIR, attach_feature_cache, expected_info, find_complete_cache
 from moma_hf.data.feature_cache_build import BuildSettings, CacheBuildInterrupted
-from moma_hf.training.launcher import follow_launcher, notify_launcher, reroute_orphaned_output
+from moma_hf.training.launcher import (
+    PREEMPTED_EXIT_CODE,
+    follow_launcher,
+    notify_launcher,
+    reroute_orphaned_output,
+)
 
 logger = logging.getLogger(__name__)
-
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what distill exits with when pre-empted in training, too
 
 
 class CachePassPreempted(SystemExit):

@@ -105,10 +105,11 @@ class StepGuard(TrainerCallback):
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
         self._bad = None
-        bad_terms = [name for name, flag in zip(self.term_names, flags[:-1].tolist()) if flag > 0]
+        *term_flags, sigterm = flags.tolist()  # one host sync for the terms and the signal
+        bad_terms = [name for name, flag in zip(self.term_names, term_flags) if flag > 0]
         if bad_terms:
             raise NonFiniteLossError(_non_finite_loss_message(state.global_step + 1, bad_terms, args, state))
-        if flags[-1].item() > 0:
+        if sigterm > 0:
             logger.warning("SIGTERM received: saving checkpoint-%d, then stopping.", state.global_step + 1)
             self.stopped_by_signal = True
             control.should_save = True

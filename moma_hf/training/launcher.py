@@ -29,6 +29,7 @@ import time
 
 logger = logging.getLogger(__name__)
 
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: what schedulers expect from a job that stopped on their signal
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _LAUNCHER_MARKERS = ("accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch")
 _launcher_pid: int | None = None
