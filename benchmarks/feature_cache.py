@@ -231,9 +231,14 @@ def main(argv=None) -> tuple[float, float]:
             print(f"mean difference {delta:+.2f} points, 95% CI [{delta - half:+.2f}, {delta + half:+.2f}]")
     with tempfile.TemporaryDirectory() as tmp:
         scaling, storage = report_build(args, Path(tmp))
-    print(f"cache_speedup: {speedup:.2f}")
-    print(f"cache_macro_f1_delta: {delta:+.2f}")
-    print(f"cache_build_scaling: {scaling:.2f}")
+    # Only what this invocation measured (the --skip_* flags leave the rest out).
+    if not args.skip_speed:
+        print(f"cache_speedup: {speedup:.2f}")
+    if not args.skip_accuracy:
+        compared = f"{args.accuracy_cache_dtype}_" if args.accuracy_cache_dtype else ""
+        print(f"cache_{compared}macro_f1_delta: {delta:+.2f}")
+    if not args.skip_scaling:
+        print(f"cache_build_scaling: {scaling:.2f}")
     for name in ("float16", "bfloat16", "bf16 teacher"):
         if name in storage:
             print(f"cache_{name.replace(' ', '_')}_max_relative_error: {storage[name]['max']:.2e}")
