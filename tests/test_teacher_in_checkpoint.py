@@ -167,8 +167,17 @@ def test_cached_training_never_reads_the_teachers_weights(nct_mini_dir, teacher_
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()  # export and card
     exported = json.loads((out / "config.json").read_text())
     assert exported["distilled_from"]["teacher"] == str(teacher_dir)
+    # The served run read no weights, yet its checkpoint names the hash of the teacher that built the cache.
+    built = json.loads((tmp_path / "build" / "checkpoint-8" / "config.json").read_text())["teacher_weights_sha256"]
+    assert built and json.loads((out / "checkpoint-8" / "config.json").read_text())["teacher_weights_sha256"] == built
+    assert json.loads((cache / "cache_info.json").read_text())["teacher_weights_sha256"] == built
     # from_pretrained cannot reload the named teacher (its weights are gone): it fails, naming it, never random.
     with pytest.raises(TeacherMismatchError, match="names .*could not be reloaded"):
+        MoMAForDistillation.from_pretrained(out / "checkpoint-8")
+    # Other weights under the name, readable: the recorded hash refuses them.
+    torch.manual_seed(1)
+    tiny_vit().save_pretrained(teacher_dir)
+    with pytest.raises(TeacherMismatchError, match=built):
         MoMAForDistillation.from_pretrained(out / "checkpoint-8")
 
 

@@ -111,7 +111,9 @@ def cache_teacher_outputs(model, train_dataset, collator, args, facts: dict):
     """`--cache_teacher_features`: the training set (map-style: with its `_row` column), `collator` reading the cache.
 
     Call it on every process. When the cache is complete it only attaches it (`model.teacher` may then be None);
-    otherwise every process runs the model's frozen teacher over its share of the shards.
+    otherwise every process runs the model's frozen teacher over its share of the shards. Either way the model's
+    config takes the hash of the weights that built the cache (recorded in `cache_info.json`), so checkpoints
+    name that teacher and `from_pretrained` checks it.
 
     Raises:
         ValueError: no frozen teacher to build with, or a cache built for another run.
@@ -134,9 +136,14 @@ def cache_teacher_outputs(model, train_dataset, collator, args, facts: dict):
             storage_dtype=args.cache_dtype, progress=not args.disable_tqdm, process_index=args.process_index,
             num_processes=args.world_size, barrier=_barrier, stop_signal=stop_signal,
             any_process=lambda flag: _any_process(flag, args.device),
+            record={"teacher_weights_sha256": model.config.teacher_weights_sha256},
         )
         try:
-            return attach_feature_cache(train_dataset, collator, forward, path, args.cache_views, facts, settings)
+            train_dataset = attach_feature_cache(train_dataset, collator, forward, path, args.cache_views, facts,
+                                                 settings)
+            # A run served by the cache read no weights: its checkpoints name the hash of the teacher that built it.
+            model.config.teacher_weights_sha256 = collator.feature_cache.info.get("teacher_weights_sha256")
+            return train_dataset
         except CacheBuildInterrupted:
             if args.process_index == 0:
                 logger.warning(f"Stopped by SIGTERM during the teacher-feature caching pass; the finished shards "

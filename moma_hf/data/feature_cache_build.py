@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -60,6 +60,8 @@ class BuildSettings:
         stop_signal: this process was asked to stop (checked after every batch).
         any_process: `flag -> bool`, True on every process when any passes True (a collective: all call it
             once per round of `num_processes` shards).
+        record: facts written into `cache_info.json` for the record and never checked on reuse, such as the
+            hash of the teacher's weights, which a run served by the cache cannot compute (it reads no weights).
     """
 
     batch_size: int = 64
@@ -72,6 +74,7 @@ class BuildSettings:
     barrier: Callable[[], None] = lambda: None
     stop_signal: Callable[[], bool] = lambda: False
     any_process: Callable[[bool], bool] = bool
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _storable(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -213,7 +216,8 @@ def _finalise(path: Path, facts: dict[str, Any], num_examples: int, settings: Bu
     for stale in [*path.glob("*.partial"), *(path / SHARD_NAME.format(i) for i in _complete_shards(path, facts)
                                             if i >= num_shards)]:
         stale.unlink()  # a pass that stopped mid-shard, or shards past the end of data that has shrunk
-    info = {**facts, "num_rows": num_examples, "num_shards": num_shards, "build_processes": settings.num_processes,
+    info = {**settings.record, **facts, "num_rows": num_examples, "num_shards": num_shards,
+            "build_processes": settings.num_processes,
             "build_seconds": round(time.perf_counter() - started, 2)}  # the last two: facts for the record only
     partial = path / (META_FILE + ".partial")
     partial.write_text(json.dumps(info, indent=2))
