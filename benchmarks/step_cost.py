@@ -40,6 +40,7 @@ and identical runs give identical peaks. The last lines are `<pair>: moma_vs_bas
     python benchmarks/step_cost.py time                                  # CPU: batch 32, 112 px
     python benchmarks/step_cost.py time --device cuda --batch_size 128 --image_size 224
     python benchmarks/step_cost.py parts                                 # CPU: batch 32, 112 px
+    python benchmarks/step_cost.py time --profile --rounds 3             # where MoMA's extra time goes, by op
     python benchmarks/step_cost.py memory                                # CPU: batch 32, 224 px
     python benchmarks/step_cost.py memory --device cuda --batch_size 64
 """
@@ -175,6 +176,46 @@ class StepClock(TrainerCallback):
         self.rounds[-1].append(time.perf_counter() - self._start)
 
 
+class OpProfile(TrainerCallback):
+    """`time --profile`: the self CPU time of every op over the timed steps of every `train()` it attends, summed.
+
+    The profiler's window opens after the warm-up steps and closes at the last step's end, so the end-of-training
+    state check and the export are outside it, as they are outside the step clock.
+    """
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps, self.steps_seen = warmup, steps, 0
+        self.self_ms: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU],
+                                schedule=schedule(wait=self.warmup, warmup=0, active=self.steps, repeat=1))
+        self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.profiler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.profiler.stop()
+        self.steps_seen += self.steps
+        for event in self.profiler.key_averages():
+            self.self_ms[event.key] = self.self_ms.get(event.key, 0.0) + event.self_cpu_time_total / 1000
+
+
+def print_op_differences(pair: str, moma: OpProfile, baseline: OpProfile, top: int = 15) -> None:
+    """The ops whose self time per step differs most between the MoMA and the baseline step of `pair`."""
+    per_step = {name: (moma.self_ms.get(name, 0.0) / moma.steps_seen, baseline.self_ms.get(name, 0.0)
+                       / baseline.steps_seen) for name in {*moma.self_ms, *baseline.self_ms}}
+    print(f"\n{pair}: self CPU time per step, MoMA against the baseline (torch.profiler, timed steps)\n"
+          "| op | baseline ms | MoMA ms | difference |\n| --- | --- | --- | --- |")
+    for name, (m, b) in sorted(per_step.items(), key=lambda item: item[1][1] - item[1][0])[:top]:
+        print(f"| {name} | {b:.2f} | {m:.2f} | {m - b:+.2f} |")
+    total_m, total_b = (sum(values) for values in zip(*per_step.values()))
+    print(f"| all ops | {total_b:.1f} | {total_m:.1f} | {total_m - total_b:+.1f} |")
+
+
 def measure_time(args) -> dict[str, float]:
     """`time`: the median step of each workload of each pair; prints the table and the ratio lines."""
     examples, id2label = load_examples(args.data_dir, args.batch_size, args.image_size)
@@ -188,8 +229,9 @@ def measure_time(args) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         for pair in args.pairs:
             clocks = {workload: StepClock() for workload in WORKLOADS}
-            trainers = {w: build_trainer(w, pair, examples, id2label, args, f"{tmp}/{pair}-{w}", [clocks[w]])
-                        for w in WORKLOADS}
+            profiles = {w: OpProfile(args.warmup, args.steps) for w in WORKLOADS if args.profile}
+            trainers = {w: build_trainer(w, pair, examples, id2label, args, f"{tmp}/{pair}-{w}",
+                                         [clocks[w], *([profiles[w]] if profiles else [])]) for w in WORKLOADS}
             for _ in range(args.rounds):  # in turn, so that drift of a shared machine hits every workload alike
                 for trainer in trainers.values():
                     trainer.train()
@@ -201,6 +243,8 @@ def measure_time(args) -> dict[str, float]:
                                for m, b in zip(clocks["moma"].rounds, clocks["baseline"].rounds)]
             print(f"| {pair} | " + " | ".join(f"{1000 * median[w]:.1f} ms" for w in WORKLOADS)
                   + f" | {ratios[pair]:.3f} | {median['kd'] / median['baseline']:.3f} |", flush=True)
+            if profiles:
+                print_op_differences(pair, profiles["moma"], profiles["baseline"])
     for pair, ratio in ratios.items():
         print(f"{pair}: MoMA / baseline per round: {', '.join(f'{r:.3f}' for r in per_round[pair])}")
     for pair, ratio in ratios.items():
@@ -459,6 +503,8 @@ def main(argv: list[str] | None = None):
     timing = parser.add_argument_group("time")
     timing.add_argument("--rounds", type=int, default=4, help="train() calls per workload, in turn")
     timing.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
+    timing.add_argument("--profile", action="store_true", help="time: also print the ops whose self time differs "
+                        "most between MoMA and the baseline (the profiler slows every step alike)")
     timing.add_argument("--repeats_per_part", type=int, default=10, help="parts: calls of each piece a round")
     memory = parser.add_argument_group("memory")
     memory.add_argument("--repeats", type=int, default=1, help="baseline/moma children per pair, alternated")
