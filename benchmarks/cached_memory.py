@@ -19,6 +19,16 @@ the process's peak resident set size (`ru_maxrss`; data loading runs in the proc
     python benchmarks/cached_memory.py                                  # ViT-L teacher, CPU
     python benchmarks/cached_memory.py --device cuda --batch_size 64
     python benchmarks/cached_memory.py --teacher vit-small --images 32 --steps 2 --image_size 64   # a quick try
+
+`--per_process N` asks instead whether N processes of one node that load the same teacher (as every rank of a run
+does) hold its weights once or N times (CPU, Linux): each loads it with `load_teacher`, reads every weight, and
+reports from `/proc/self/smaps` the pages it maps from `model.safetensors` (`Pss` counts a shared page once over
+its sharers; `Private_Dirty` pages are the process's own copy), and times `weights_sha256`. The last lines::
+
+    teacher_pss_over_weights: <largest Pss / weight bytes>    (1.0: a copy per process; 1/N: one shared copy)
+    weights_sha256_seconds_per_gb: <seconds>
+
+    python benchmarks/cached_memory.py --per_process 2 --teacher vit-base
 """
 
 from __future__ import annotations
@@ -92,6 +102,51 @@ def measure(args, work: Path) -> dict[str, int]:
     return {name: peak_memory({**common, **extra, "output_dir": work / name}, args.device)
             for name, extra in runs.items()}
 
+# Run in each --per_process subprocess: load the teacher, read it, hash it, then report its mapped pages.
+_PAGES = """
+import json, sys, time
+from moma_hf.networks.teachers import load_teacher, weights_sha256
+teacher = load_teacher(sys.argv[1])
+for parameter in teacher.model.parameters():
+    parameter.data.sum()
+start = time.perf_counter()
+weights_sha256(teacher.model)
+seconds = time.perf_counter() - start
+time.sleep(float(sys.argv[2]))  # until every process has loaded: shared pages are counted over all of them
+pages, inside = {}, False
+with open("/proc/self/smaps") as smaps:
+    for line in smaps:
+        field = line.split()[0]
+        if not field.endswith(":"):  # a mapping's header: its address range, then the file it maps
+            inside = line.rstrip().endswith("model.safetensors")
+        elif inside and field[:-1] in ("Rss", "Pss", "Private_Dirty"):
+            pages[field[:-1]] = pages.get(field[:-1], 0) + 1024 * int(line.split()[1])
+weights = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
+print("TEACHER_PAGES " + json.dumps({"weights": weights, "seconds": seconds, **pages}), flush=True)
+"""
+
+
+def measure_per_process(args, work: Path) -> dict[str, float]:
+    """`--per_process N`: N processes load one teacher at once; print each one's mapped pages and the figures."""
+    path = save_vit_teacher(work / "teacher", args.teacher, 224)
+    children = [subprocess.Popen([sys.executable, "-c", _PAGES, path, "20"], stdout=subprocess.PIPE, text=True)
+                for _ in range(args.per_process)]
+    lines = [line for child in children for line in child.communicate()[0].splitlines()]
+    results = [json.loads(line.removeprefix("TEACHER_PAGES ")) for line in lines if line.startswith("TEACHER_PAGES ")]
+    if len(results) != args.per_process:
+        raise RuntimeError("a process failed to load the teacher: see its output above")
+    mib = 2**20
+    print(f"{args.per_process} processes loading one {args.teacher}/16 teacher ({results[0]['weights'] / mib:.0f} MiB "
+          "of weights)\n| process | Rss | Pss | Private_Dirty | sha256 |\n| --- | --- | --- | --- | --- |")
+    for index, r in enumerate(results):
+        print(f"| {index} | {r.get('Rss', 0) / mib:.0f} MiB | {r.get('Pss', 0) / mib:.0f} MiB | "
+              f"{r.get('Private_Dirty', 0) / mib:.0f} MiB | {r['seconds']:.2f} s |")
+    figures = {"teacher_pss_over_weights": max(r.get("Pss", 0) for r in results) / results[0]["weights"],
+               "weights_sha256_seconds_per_gb": max(r["seconds"] / (r["weights"] / 1e9) for r in results)}
+    for name, value in figures.items():
+        print(f"{name}: {value:.2f}")
+    return figures
+
 
 def main(argv=None) -> tuple[float, float]:
     """Measure the three runs; print a table and the two ratios."""
@@ -103,7 +158,11 @@ def main(argv=None) -> tuple[float, float]:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data" / "crc-polyp-96")
+    parser.add_argument("--per_process", type=int, help="instead: N processes load the teacher (see the docstring)")
     args = parser.parse_args(argv)
+    if args.per_process:
+        with tempfile.TemporaryDirectory() as tmp:
+            return tuple(measure_per_process(args, Path(tmp)).values())
     with tempfile.TemporaryDirectory() as tmp:
         peaks = measure(args, Path(tmp))
     what = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
