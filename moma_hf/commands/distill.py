@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None, default_config: Path | None = None) -> i
         if trainer.is_world_process_zero():
             logger.warning(f"Stopped by SIGTERM; {checkpoint} holds the whole state. Continue with the same "
                            f"command plus --resume_from_checkpoint {checkpoint}")
+        trainer.accelerator.end_training()  # leave the process group together, as at the end of a finished run
         notify_launcher()  # so that `accelerate launch` exits 143 too, not 1 (see moma_hf/launcher.py)
         return PREEMPTED_EXIT_CODE
     trainer.save_metrics("train", result.metrics)  # train_results.json: runtime, samples per second, loss
