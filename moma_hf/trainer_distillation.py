@@ -11,7 +11,6 @@ import os
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -19,6 +18,7 @@ from .data.streaming import EndlessStream
 from .networks.students import save_student
 from .training.bad_image_limit import BadImageLimitCallback
 from .training.callbacks import DataWaitCallback, DistillationStepCallback
+from .training.evaluation_loader import EvalCollatorMixin
 from .training.fault_tolerance import (
     ResumeLearningRate,
     StaleCheckpointCallback,
@@ -30,7 +30,7 @@ from .training.fault_tolerance import (
 )
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(EvalCollatorMixin, Trainer):
     """A `Trainer` for every `DistillationPreTrainedModel` (MoMA and the baselines).
 
     It works through the Trainer's public hooks: callbacks (`DistillationStepCallback`: momentum update and
@@ -69,14 +69,12 @@ class DistillationTrainer(Trainer):
                 "every epoch would repeat epoch 0's augmentation (and view 0 of a teacher-feature cache). Drop it; "
                 "raise --dataloader_prefetch_factor instead if workers start too slowly."
             )
-        # Evaluation needs other transforms than training (no augmentation, no teacher input).
-        self.eval_data_collator = eval_data_collator
+        self.eval_data_collator = eval_data_collator  # no augmentation, no teacher input
         self.model_card_data = model_card_data  # a model_card.DistillationModelCardData: facts only the caller knows
         self._pending_keys: list[torch.Tensor] = []
         self._term_sums: torch.Tensor | None = None
         self._term_steps = 0
         self._num_parameters: int | None = None  # counted at the first step, once a cached run released its teacher
-        self._eval_loaders: dict[str, DataLoader] = {}  # kept only with persistent workers, as the Trainer does
         self.add_callback(DistillationStepCallback(self))
         if hasattr(self.data_collator, "num_bad"):  # the unreadable-image limit holds for runs of any length
             self.add_callback(BadImageLimitCallback(self.data_collator))
@@ -113,40 +111,6 @@ class DistillationTrainer(Trainer):
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        """The evaluation DataLoader of `eval_dataset` (a dataset, a key of a dict `self.eval_dataset`, or None for
-        `self.eval_dataset`), built with `eval_data_collator` and keeping every example."""
-        if eval_dataset is None and self.eval_dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        return self.evaluation_dataloader(self.eval_dataset if eval_dataset is None else eval_dataset, key)
-
-    def get_test_dataloader(self, test_dataset) -> DataLoader:
-        """The DataLoader of `test_dataset`, built as for evaluation (`eval_data_collator`, every example)."""
-        return self.evaluation_dataloader(test_dataset)
-
-    def evaluation_dataloader(self, dataset, key: str | None = None) -> DataLoader:
-        """A DataLoader over `dataset` in order, batched by `eval_batch_size` with `eval_data_collator` (or the
-        training collator when there is none), with the last, short batch kept, prepared for this process.
-
-        With persistent workers, the loader of `key` is built once and reused, as the Trainer does, so that each
-        evaluation does not start a new set of workers.
-        """
-        if key is not None and key in self._eval_loaders:
-            return self._eval_loaders[key]
-        args = self.args
-        loader = self.accelerator.prepare(DataLoader(
-            dataset, batch_size=args.eval_batch_size, collate_fn=self.eval_data_collator or self.data_collator,
-            drop_last=False,  # every example is scored (training drops short batches: dataloader_drop_last)
-            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
-            multiprocessing_context=args.dataloader_multiprocessing_context, in_order=args.dataloader_in_order,
-        ))
-        if key is not None and args.dataloader_persistent_workers:
-            self._eval_loaders[key] = loader
-        return loader
 
     def floating_point_ops(self, inputs: dict) -> int:
         """The Trainer's `6 x input elements x parameters` estimate for `total_flos`, the parameters counted once:

@@ -153,3 +153,21 @@ def test_compare_methods_takes_up_a_run_stopped_after_a_checkpoint(finished_run,
     assert (stopped / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns == kept  # taken up, not redone
     (stopped / "eval_results.json").unlink()  # stopped after training, before its scores were written
     assert compare.run_method(variant, *args, stopped) == straight
+
+
+@pytest.mark.timeout(600)
+def test_train_teacher_evaluates_during_training_with_the_evaluation_collator(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "teacher"
+    _example("train_teacher").main([
+        "--model_name_or_path", "test_resnet", "--train_dir", "examples/demo_data", "--validation_dir",
+        "examples/demo_data", "--image_size", "64",
+        "--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--output_dir", str(out)])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_macro_f1" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    final = json.loads((out / "eval_results.json").read_text())
+    # Unaugmented evaluation both times (random crops would move the loss): the last in-training score is the final.
+    assert evals[-1]["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert evals[-1]["eval_macro_f1"] == final["eval_macro_f1"]

@@ -25,6 +25,7 @@ from moma_hf.evaluation.metrics import evaluate_and_save, make_compute_metrics
 from moma_hf.hub import check_push_access, push_student
 from moma_hf.networks.students import build_student
 from moma_hf.training.bad_image_limit import BadImageLimitCallback
+from moma_hf.training.evaluation_loader import EvalCollatorMixin
 from moma_hf.training.run_folder import OutputDirArguments, prepare_output_dir
 from moma_hf.training.token_safety import TokenSafeArgumentsMixin
 
@@ -70,6 +71,10 @@ def _default_processor(model_type: str, image_size: int):
     return get_image_processor_class_from_name(name)(size={"height": image_size, "width": image_size})
 
 
+class TeacherTrainer(EvalCollatorMixin, Trainer):
+    """The Trainer, evaluating with the evaluation collator (no augmentation) during training and after it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `moma-train-teacher` command: train, evaluate and export the teacher; returns the exit code."""
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, TeacherTrainingArguments), argv)
@@ -84,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     train_collator, eval_collator = build_collators(
         data_args, image_size, len(labels), normalization_from_processor(processor)
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=train_collator,
-                      processing_class=processor, compute_metrics=make_compute_metrics(len(labels)),
-                      callbacks=[BadImageLimitCallback(train_collator)])
+    trainer = TeacherTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             data_collator=train_collator, processing_class=processor,
+                             compute_metrics=make_compute_metrics(len(labels)),
+                             callbacks=[BadImageLimitCallback(train_collator)])
+    trainer.eval_data_collator = eval_collator  # also for --eval_strategy steps|epoch during training
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.data_collator = eval_collator
+    trainer.save_state()  # trainer_state.json: the log history, with any evaluation made during training
     if eval_dataset is not None:
         evaluate_and_save(trainer, eval_dataset, labels)
     trainer.save_model(_internal_call=True)  # export only: push_student below is the one upload
