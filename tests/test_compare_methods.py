@@ -64,3 +64,36 @@ def test_the_teacher_probe_of_a_seed_runs_once_at_the_students_image_size(tmp_pa
     stamp = (out / "probe_results.json").stat().st_mtime_ns
     assert compare.probe_teacher("no-such-teacher", Path("nowhere"), Path("nowhere"), config, out) == first
     assert (out / "probe_results.json").stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+def test_each_row_is_paired_with_the_ce_of_its_own_starting_point(tmp_path):
+    same = "--student_model_name_or_path same-as-teacher"
+    rows = _rows({"ce": [0.50, 0.60, 0.55], "moma": [0.56, 0.63, 0.62], f"ce {same}": [0.70, 0.72, 0.71],
+                  f"moma {same} --teacher_update momentum": [0.71, 0.75, 0.70],
+                  "kd --student_model_name_or_path=same-as-teacher": [0.70, 0.72, 0.71],
+                  "kd --student_model_name_or_path resnet18": [0.1, 0.2, 0.3]})
+    labels = list(dict.fromkeys(row["method"] for row in rows))
+    table = compare.summarise(rows, labels, tmp_path, "test")
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["moma"].endswith("| +5.3 [+0.2, +10.5] |")  # against the from-scratch ce, as before
+    # Against fine-tuning the teacher: differences 1, 3, -1 points, std 2.0, half-width 4.303 * 2 / sqrt(3) = 4.97.
+    assert lines[f"moma {same} --teacher_update momentum"].endswith("| +1.0 [-4.0, +6.0] |")
+    assert lines["kd --student_model_name_or_path=same-as-teacher"].endswith("| +0.0 [+0.0, +0.0] |")
+    assert lines[f"ce {same}"].endswith("| — |") and lines["ce"].endswith("| — |")
+    assert lines["kd --student_model_name_or_path resnet18"].endswith("| — |")  # no ce of that start: not paired
+    assert compare.paired_reference(f"moma {same} + unlabeled", labels) == f"ce {same}"
+    assert compare.paired_reference(compare.TEACHER_PROBE, labels) == "ce"
+
+
+def test_a_teacher_with_the_students_classes_is_scored_with_its_own_head_and_others_are_not(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    config = {"distill_args": {"image_size": 112}}
+    teacher, out = str(demo / "demo_teacher"), tmp_path / "teacher_eval"
+    own = compare.teacher_own_score(teacher, demo / "demo_data" / "validation", config, out)
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["image_size"] == 112 and saved["eval_samples"] == 38
+    assert own == {name: saved[f"eval_{name}"] for name in compare.METRICS}
+    fewer = compare.link_subset({"ADI": sorted((demo / "demo_data" / "validation" / "ADI").iterdir())},
+                                tmp_path / "one_class")
+    assert compare.teacher_own_score(teacher, fewer, config, tmp_path / "other") is None  # other classes: no row
+    assert not (tmp_path / "other").exists()

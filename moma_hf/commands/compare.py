@@ -9,12 +9,18 @@ recipe to train one on the teacher's part of the training set), the student arch
 the methods, the seeds and the `moma-distill` flags shared by every run. Relative paths in it are read
 from the current folder.
 
+A method may carry its own flags, such as "moma --attention_residual false". A variant that starts from another
+student, "kd --student_model_name_or_path same-as-teacher" (the paper's setting: the student starts as the
+teacher), is a starting point of its own.
+
 The comparison is paired: for one seed every method sees the same labeled subset, the same data order and
 the same student initialisation (all drawn from the seed), so the per-seed difference to `ce` isolates the
-method. Beside mean +- std per method it reports the mean paired difference to `ce` with its 95% t-interval.
+method. Beside mean +- std per method it reports the mean paired difference to the `ce` of the same starting
+point ("ce --student_model_name_or_path same-as-teacher": fine-tuning the teacher) with its 95% t-interval.
 Each seed also gets the teacher's linear probe (`moma-probe`: fitted on that seed's labeled images, scored on
 the same test part, at the students' image size), a row paired with `ce` like a method; when it scores below
-the CE student the table ends with a warning (`--no_probe` skips it).
+the CE student the table ends with a warning. A teacher with the student's classes also gets its own
+classifier's score on the test part (`moma-evaluate`). `--no_probe` skips both.
 Writes `results.csv`, `results.md` and `results.png` into the output folder.
 """
 
@@ -33,12 +39,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moma_hf.commands import distill, probe, train_teacher
+from moma_hf.commands import distill, evaluate, probe, train_teacher
 from moma_hf.evaluation.plots import plot_method_comparison
 from moma_hf.training.run_folder import unfinished_run_flags
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 TEACHER_PROBE = "teacher (linear probe)"  # the results row of the teacher's probe, paired with ce like a method
+TEACHER_OWN = "teacher (own head)"  # the teacher's own classifier, when it has the student's labels
+UNLABELED = " + unlabeled"  # the suffix of a row that also learned from the unlabeled pool
+STUDENT_FLAG = "--student_model_name_or_path"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
@@ -71,16 +80,23 @@ def stratified_split(files: dict[str, list[Path]], fraction: float, seed: int):
     return chosen, rest
 
 
-def prepare_teacher(spec: dict, teacher_part: Path, work: Path) -> str:
-    """The teacher's path: `spec["path"]` as is, or a teacher trained once on `teacher_part` per `spec`."""
+def prepare_teacher(spec: dict, teacher_part: Path, work: Path, test_dir: Path) -> str:
+    """The teacher's path: `spec["path"]` as is, or a teacher trained once on `teacher_part` per `spec`.
+
+    A trained teacher is scored on `test_dir` (relabeled by `spec["grouping"]` like its training data) after
+    training, and during it with `eval_strategy` in its `train_args`: its learning curve is in its
+    `trainer_state.json`.
+    """
     if "path" in spec:
         return str(Path(spec["path"]).resolve())
     out = work / "teacher"
     if not (out / "config.json").exists():
-        data = link_subset(list_images(teacher_part), work / "teacher_data", spec.get("grouping"))
+        grouping = spec.get("grouping")
+        data = link_subset(list_images(teacher_part), work / "teacher_data", grouping)
+        test = link_subset(list_images(test_dir), work / "data" / "teacher_test_part", grouping)
         flags = [f"--{k}={v}" for k, v in spec.get("train_args", {}).items()]
-        train_teacher.main(flags + [f"--train_dir={data}", f"--output_dir={out}", "--report_to=none"]
-                                            + unfinished_run_flags(out))
+        train_teacher.main(flags + [f"--train_dir={data}", f"--validation_dir={test}", f"--output_dir={out}",
+                                    "--report_to=none"] + unfinished_run_flags(out))
     return str(out)
 
 
@@ -124,6 +140,21 @@ def probe_teacher(teacher: str, train_dir: Path, test_dir: Path, config: dict, o
     return {name: float(metrics[name]) for name in METRICS}
 
 
+def teacher_own_score(teacher: str, test_dir: Path, config: dict, out: Path) -> dict[str, float] | None:
+    """The teacher's own classifier scored on the test part at the students' image size (`moma-evaluate`, kept in
+    `out` and reused), or None when its classes are not exactly the student's."""
+    classes = json.loads((Path(teacher) / "config.json").read_text()).get("id2label", {}).values()
+    if sorted(classes) != sorted(list_images(test_dir)):
+        return None
+    results = out / "eval_results.json"
+    if not results.exists():
+        size = config.get("distill_args", {}).get("image_size")
+        evaluate.run([f"--model_name_or_path={teacher}", f"--data_dir={test_dir}", "--split=train",
+                      f"--output_dir={out}"] + ([f"--image_size={size}"] if size else []))
+    metrics = json.loads(results.read_text())
+    return {name: float(metrics[f"eval_{name}"]) for name in METRICS}
+
+
 def weak_teacher_warning(rows: list[dict]) -> str | None:
     """A warning when the teacher's linear probe scores below the CE student (mean macro-F1), else None."""
     def mean_f1(method):
@@ -137,6 +168,30 @@ def weak_teacher_warning(rows: list[dict]) -> str | None:
             f"({100 * ce:.1f}) on these labels: distilling may transfer the teacher's mistakes.")
 
 
+def starting_point(label: str) -> str | None:
+    """The student a results row starts from: its variant's `--student_model_name_or_path` (such as
+    "same-as-teacher"), or None for the scenario's own student (and for the teacher's rows)."""
+    if label in (TEACHER_PROBE, TEACHER_OWN):
+        return None
+    tokens = shlex.split(label.removesuffix(UNLABELED))
+    for i, token in enumerate(tokens):
+        if token.startswith(STUDENT_FLAG + "="):
+            return token.split("=", 1)[1]
+        if token == STUDENT_FLAG and i + 1 < len(tokens):
+            return tokens[i + 1]
+    return None
+
+
+def paired_reference(label: str, labels: list[str]) -> str | None:
+    """The `ce` row that `label` is paired with: plain fine-tuning of the same starting point, trained on the
+    labels alone (the one with fewest extra flags), or None when there is none or `label` is that row."""
+    start = starting_point(label)
+    candidates = [other for other in labels if not other.endswith(UNLABELED) and shlex.split(other)[0] == "ce"
+                  and starting_point(other) == start]
+    reference = min(candidates, key=lambda other: len(shlex.split(other)), default=None)
+    return None if reference == label else reference
+
+
 def t_quantile(dof: int) -> float:
     """The 97.5% quantile of Student's t with `dof` degrees of freedom (for a two-sided 95% interval)."""
     from scipy.stats import t
@@ -146,24 +201,25 @@ def t_quantile(dof: int) -> float:
 
 def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffix: str = "",
               note: str | None = None) -> str:
-    """Write `results{suffix}.md` (mean +- std per method, paired difference to ce with 95% CI, and `note`
-    below the table) and its `.png`."""
+    """Write `results{suffix}.md` (mean +- std per method, the paired difference to the `ce` of the same starting
+    point with its 95% CI, and `note` below the table) and its `.png`."""
     by = defaultdict(dict)
     for row in rows:
         by[row["method"]][row["seed"]] = row
     seeds = sorted({row["seed"] for row in rows})
     lines = [f"# {title}", "", f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); test-split metrics in %.", "",
-             "| method | " + " | ".join(METRICS) + " | macro_f1 - ce (paired, 95% CI) |",
+             "| method | " + " | ".join(METRICS) + " | macro_f1 - ce of its start (paired, 95% CI) |",
              "| --- |" + " --- |" * (len(METRICS) + 1)]
     for method in methods:
         cells = []
         for metric in METRICS:
             values = np.array([by[method][s][metric] for s in seeds]) * 100
             cells.append(f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}")
-        if method == "ce" or "ce" not in by:
+        reference = paired_reference(method, methods)
+        if reference is None:
             paired = "—"
         else:
-            diff = np.array([by[method][s]["macro_f1"] - by["ce"][s]["macro_f1"] for s in seeds]) * 100
+            diff = np.array([by[method][s]["macro_f1"] - by[reference][s]["macro_f1"] for s in seeds]) * 100
             half = t_quantile(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
             paired = f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
@@ -179,12 +235,12 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     training split), the fixed test part, and the training images left for students."""
     data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
-    teacher = prepare_teacher(config["teacher"], link_subset(teacher_files, out / "data" / "teacher_part"), out)
     test_dir = data / "test"
     if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
         test_files, _ = stratified_split(list_images(test_dir), config["test_fraction"], 0)
         test_dir = link_subset(test_files, out / "data" / "test_part")
-    return teacher, test_dir, student_pool
+    teacher_part = link_subset(teacher_files, out / "data" / "teacher_part")
+    return prepare_teacher(config["teacher"], teacher_part, out, test_dir), test_dir, student_pool
 
 
 def labeled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
@@ -228,7 +284,8 @@ def run(argv: list[str] | None = None) -> str:
                         help="Give every method that can use them the rest of the student's images, unlabeled.")
     parser.add_argument("--labeled_fraction", type=float,
                         help="With --unlabeled: labeled share of each batch (default: the scenario's, else natural).")
-    parser.add_argument("--no_probe", action="store_true", help="Skip the teacher's linear probe.")
+    parser.add_argument("--no_probe", action="store_true",
+                        help="Skip the teacher's linear probe and the score of its own classifier.")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     methods, seeds = args.methods or config["methods"], args.seeds or config["seeds"]
@@ -239,9 +296,11 @@ def run(argv: list[str] | None = None) -> str:
     config["label_budget"] = args.label_budget or config["label_budget"]
     fraction = args.labeled_fraction or config.get("labeled_fraction")
     title = config.get("title", args.config.stem) + (f", {config['label_budget']:.0%} labels" if tag else "")
-    rows = []
+    rows, own = [], None if args.no_probe else teacher_own_score(teacher, test_dir, config, out / "teacher_eval")
     for seed in seeds:
         train_dir = labeled_subset(student_pool, config, seed, out, tag)
+        if own is not None:  # one score, repeated for each seed so that it pairs with ce like a method
+            rows.append({"method": TEACHER_OWN, "seed": seed, **own})
         if not args.no_probe:
             metrics = probe_teacher(teacher, train_dir, test_dir, config, out / f"seed{seed}{tag}" / "teacher_probe")
             rows.append({"method": TEACHER_PROBE, "seed": seed, **metrics})
@@ -255,7 +314,7 @@ def run(argv: list[str] | None = None) -> str:
             folder = variant_dir(method) + (pool_tag if extra else "")
             metrics = run_method(method, seed, train_dir, test_dir, teacher, config,
                                  out / f"seed{seed}{tag}" / folder, extra)
-            label = method + (" + unlabeled" if extra else "")
+            label = method + (UNLABELED if extra else "")
             rows.append({"method": label, "seed": seed, **metrics})
             print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     suffix = tag + ("_unlabeled" + (f"{fraction:g}" if fraction else "") if args.unlabeled else "")
@@ -263,7 +322,8 @@ def run(argv: list[str] | None = None) -> str:
         writer = csv.DictWriter(f, fieldnames=["method", "seed", *METRICS])
         writer.writeheader()
         writer.writerows(rows)
-    labels = sorted(dict.fromkeys(row["method"] for row in rows), key=lambda label: label == TEACHER_PROBE)
+    teacher_rows = (TEACHER_PROBE, TEACHER_OWN)  # last in the table
+    labels = sorted(dict.fromkeys(row["method"] for row in rows), key=lambda label: label in teacher_rows)
     table = summarise(rows, labels, out, title, suffix, weak_teacher_warning(rows))
     print(table)
     return table
