@@ -1,4 +1,5 @@
-"""Figures saved next to the results: training curves, the confusion matrix and a comparison of methods.
+"""Figures saved next to the results: training curves, the confusion matrix, a comparison of methods and learning
+curves (a score against the step).
 
 Every figure is a `matplotlib.figure.Figure` saved with `Figure.savefig` (the Agg canvas), never through pyplot: pyplot
 keeps global state (the current figure, the backend), and importing or using this module must leave a notebook
@@ -82,3 +83,21 @@ def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "",
+                         ylabel: str = "macro-F1 (%)") -> Path:
+    """One line per run of a score against the optimiser step.
+
+    Args:
+        curves: `{label: [(step, score in 0..1), ...]}`, steps increasing; plotted in %.
+    """
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
+    for label, points in curves.items():
+        steps, values = zip(*points)
+        ax.plot(steps, 100 * np.asarray(values), label=label, marker=".")
+    ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
