@@ -97,3 +97,19 @@ def test_a_teacher_with_the_students_classes_is_scored_with_its_own_head_and_oth
                                 tmp_path / "one_class")
     assert compare.teacher_own_score(teacher, fewer, config, tmp_path / "other") is None  # other classes: no row
     assert not (tmp_path / "other").exists()
+
+
+def test_a_student_grouping_relabels_the_labeled_subsets_and_the_test_part(crc_polyp_dir, tmp_path):
+    demo_teacher = Path(__file__).resolve().parents[1] / "examples" / "demo_teacher"
+    config = {"data_dir": str(crc_polyp_dir), "teacher_fraction": 0.5, "label_budget": 0.01, "test_fraction": 0.01,
+              "teacher": {"path": str(demo_teacher)},
+              "student_grouping": {"S": "ADENOMA", "T": "ADENOMA", "V": "ADENOMA"}}
+    teacher, test_dir, pool = compare.prepare_scenario(config, tmp_path)
+    assert teacher == str(demo_teacher.resolve())
+    assert sorted(compare.list_images(test_dir)) == ["AC", "ADENOMA", "H"]
+    assert len(compare.list_images(test_dir)["ADENOMA"]) == 17  # 5 + 6 + 6 of the fixed 1% test part
+    assert sorted(pool) == ["AC", "H", "S", "T", "V"]  # drawn per fine class, relabeled when linked
+    labeled = compare.list_images(compare.labeled_subset(pool, config, 0, tmp_path))
+    fine, _ = compare.stratified_split(pool, 0.01, 0)
+    assert sorted(labeled) == ["AC", "ADENOMA", "H"]
+    assert len(labeled["ADENOMA"]) == len(fine["S"]) + len(fine["T"]) + len(fine["V"])

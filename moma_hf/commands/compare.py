@@ -5,9 +5,10 @@ and budget.
     moma-compare --config ... --methods ce moma --seeds 0 1 2 --output_dir out/cmp
 
 A scenario YAML names the data folder (imagefolder with train/ and test/), the teacher (a model path, or the
-recipe to train one on the teacher's part of the training set), the student architecture, the label budget,
-the methods, the seeds and the `moma-distill` flags shared by every run. Relative paths in it are read
-from the current folder.
+recipe to train one on the teacher's part of the training set, with an optional `grouping` of its classes),
+the student architecture, the label budget, an optional `student_grouping` (the student learns coarser classes,
+such as {S: ADENOMA, T: ADENOMA, V: ADENOMA}), the methods, the seeds and the `moma-distill` flags shared by every
+run. Relative paths in it are read from the current folder.
 
 A method may carry its own flags, such as "moma --attention_residual false". A variant that starts from another
 student, "kd --student_model_name_or_path same-as-teacher" (the paper's setting: the student starts as the
@@ -80,10 +81,10 @@ def stratified_split(files: dict[str, list[Path]], fraction: float, seed: int):
     return chosen, rest
 
 
-def prepare_teacher(spec: dict, teacher_part: Path, work: Path, test_dir: Path) -> str:
+def prepare_teacher(spec: dict, teacher_part: Path, work: Path, test_files: dict[str, list[Path]]) -> str:
     """The teacher's path: `spec["path"]` as is, or a teacher trained once on `teacher_part` per `spec`.
 
-    A trained teacher is scored on `test_dir` (relabeled by `spec["grouping"]` like its training data) after
+    A trained teacher is scored on `test_files` (relabeled by `spec["grouping"]` like its training data) after
     training, and during it with `eval_strategy` in its `train_args`: its learning curve is in its
     `trainer_state.json`.
     """
@@ -93,7 +94,7 @@ def prepare_teacher(spec: dict, teacher_part: Path, work: Path, test_dir: Path) 
     if not (out / "config.json").exists():
         grouping = spec.get("grouping")
         data = link_subset(list_images(teacher_part), work / "teacher_data", grouping)
-        test = link_subset(list_images(test_dir), work / "data" / "teacher_test_part", grouping)
+        test = link_subset(test_files, work / "data" / "teacher_test_part", grouping)
         flags = [f"--{k}={v}" for k, v in spec.get("train_args", {}).items()]
         train_teacher.main(flags + [f"--train_dir={data}", f"--validation_dir={test}", f"--output_dir={out}",
                                     "--report_to=none"] + unfinished_run_flags(out))
@@ -232,21 +233,23 @@ def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffi
 
 def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list[Path]]]:
     """`(teacher, test_dir, student_pool)` of a scenario: the teacher (trained once on its reserved part of the
-    training split), the fixed test part, and the training images left for students."""
+    training split), the fixed test part (relabeled by `student_grouping`, if any), and the training images left
+    for students (under their own class names: `labeled_subset` relabels them)."""
     data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
-    test_dir = data / "test"
+    test_files, test_dir = list_images(data / "test"), data / "test"
     if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
-        test_files, _ = stratified_split(list_images(test_dir), config["test_fraction"], 0)
-        test_dir = link_subset(test_files, out / "data" / "test_part")
+        test_files, _ = stratified_split(test_files, config["test_fraction"], 0)
+    if config.get("test_fraction", 1.0) < 1.0 or config.get("student_grouping"):
+        test_dir = link_subset(test_files, out / "data" / "test_part", config.get("student_grouping"))
     teacher_part = link_subset(teacher_files, out / "data" / "teacher_part")
-    return prepare_teacher(config["teacher"], teacher_part, out, test_dir), test_dir, student_pool
+    return prepare_teacher(config["teacher"], teacher_part, out, test_files), test_dir, student_pool
 
 
 def labeled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
     """The folder of the labeled images that every method gets for `seed` (`tag` names another budget)."""
-    labeled, _ = stratified_split(student_pool, config["label_budget"], seed)
-    return link_subset(labeled, out / "data" / f"labeled_seed{seed}{tag}")
+    labeled, _ = stratified_split(student_pool, config["label_budget"], seed)  # stratified by the finest classes
+    return link_subset(labeled, out / "data" / f"labeled_seed{seed}{tag}", config.get("student_grouping"))
 
 
 def unlabeled_pool(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str) -> Path:
