@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import timm_classifier
 
 from moma_hf.commands import compare
 
@@ -97,6 +98,11 @@ def test_a_teacher_with_the_students_classes_is_scored_with_its_own_head_and_oth
                                 tmp_path / "one_class")
     assert compare.teacher_own_score(teacher, fewer, config, tmp_path / "other") is None  # other classes: no row
     assert not (tmp_path / "other").exists()
+    timm_teacher = tmp_path / "timm_teacher"  # its config.json keeps label_names, not id2label
+    timm_classifier().save_pretrained(timm_teacher)
+    timm_own = compare.teacher_own_score(str(timm_teacher), demo / "demo_data" / "validation",
+                                         {"distill_args": {"image_size": 64}}, tmp_path / "timm_eval")
+    assert set(timm_own) == set(compare.METRICS)
 
 
 def test_a_student_grouping_relabels_the_labeled_subsets_and_the_test_part(crc_polyp_dir, tmp_path):

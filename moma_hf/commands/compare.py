@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from transformers import AutoConfig
 
 from moma_hf.commands import distill, evaluate, probe, train_teacher
 from moma_hf.evaluation.plots import plot_method_comparison
@@ -144,7 +145,7 @@ def probe_teacher(teacher: str, train_dir: Path, test_dir: Path, config: dict, o
 def teacher_own_score(teacher: str, test_dir: Path, config: dict, out: Path) -> dict[str, float] | None:
     """The teacher's own classifier scored on the test part at the students' image size (`moma-evaluate`, kept in
     `out` and reused), or None when its classes are not exactly the student's."""
-    classes = json.loads((Path(teacher) / "config.json").read_text()).get("id2label", {}).values()
+    classes = AutoConfig.from_pretrained(teacher).id2label.values()  # a timm wrapper's config.json has label_names
     if sorted(classes) != sorted(list_images(test_dir)):
         return None
     results = out / "eval_results.json"
