@@ -9,9 +9,12 @@ scored on the scenario's test part every `--eval_steps` steps (`--eval_strategy 
 scenario's teacher, labeled subset and seed with `moma-compare`, so the same `--output_dir` reuses its teacher.
 
 A point of such a curve is not the score of a run with that budget: a shorter run would have decayed its learning
-rate sooner. The curves say where scores stop rising; the comparison then runs at the chosen budget.
+rate sooner. So `--budgets 200 400` also trains each variant to completion at those budgets, and the figure marks
+their final scores (squares) on the curve of the longest run (line). Together they say where scores stop rising;
+the comparison then runs at the chosen budget.
 
-Writes `curves/seed<S>/learning_curves.csv` (variant, step, metrics) and `learning_curves.png`, and prints, for
+Writes `curves/seed<S>/learning_curves.csv` (variant, step, whether the point ends a complete run, metrics) and
+`learning_curves.png`, and prints, for
 each variant, its final score, its best score and the first step from which every later evaluation stays within
 `--tolerance` points of the final one.
 """
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--eval_steps", type=int, default=50)
+    parser.add_argument("--budgets", nargs="*", type=int, default=[],
+                        help="Shorter complete runs of each variant, scored at their end only.")
     parser.add_argument("--tolerance", type=float, default=1.0, help="Points of macro-F1 (see settled_step).")
     parser.add_argument("--output_dir", type=Path, help="Default: outputs/compare/<config name>.")
     args = parser.parse_args(argv)
@@ -66,24 +71,34 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     train_dir = labeled_subset(student_pool, config, args.seed, out)
     folder = out / "curves" / f"seed{args.seed}"
     flags = (f"--max_steps={args.max_steps}", "--eval_strategy=steps", f"--eval_steps={args.eval_steps}")
-    histories = {}
+    histories, finals = {}, {}
     for variant in args.variants:
         run_dir = folder / f"{variant_dir(variant)}_steps{args.max_steps}"
         run_method(variant, args.seed, train_dir, test_dir, teacher, config, run_dir, flags)
         histories[variant] = eval_history(run_dir)
+        finals[variant] = [{"step": budget, **run_method(variant, args.seed, train_dir, test_dir, teacher, config,
+                                                          folder / f"{variant_dir(variant)}_steps{budget}",
+                                                          (f"--max_steps={budget}",))}
+                           for budget in sorted(args.budgets)]
     with open(folder / "learning_curves.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "step", *METRICS])
+        writer = csv.DictWriter(f, fieldnames=["variant", "step", "complete_run", *METRICS])
         writer.writeheader()
-        writer.writerows({"variant": v, **point} for v, history in histories.items() for point in history)
+        writer.writerows({"variant": v, "complete_run": False, **point} for v, history in histories.items()
+                         for point in history)
+        writer.writerows({"variant": v, "complete_run": True, **point} for v, points in finals.items()
+                         for point in points)
     curves = {v: [(h["step"], h["macro_f1"]) for h in history] for v, history in histories.items()}
+    ends = {v: [(p["step"], p["macro_f1"]) for p in points] + curves[v][-1:] for v, points in finals.items()}
     title = f"{config.get('title', args.config.stem)}\nseed {args.seed}, cosine schedule over {args.max_steps} steps"
-    plot_learning_curves(curves, folder / "learning_curves.png", title)
-    print(f"| variant | final macro-F1 | best (step) | within {args.tolerance:g} points of the final from step |")
-    print("| --- | --- | --- | --- |")
+    plot_learning_curves(curves, folder / "learning_curves.png", title, complete_runs=ends)
+    print(f"| variant | final macro-F1 | best (step) | within {args.tolerance:g} points of the final from step | "
+          "complete runs (steps: macro-F1) |")
+    print("| --- | --- | --- | --- | --- |")
     for variant, points in curves.items():
         best = max(points, key=lambda point: point[1])
+        shorter = ", ".join(f"{step}: {100 * value:.1f}" for step, value in ends[variant])
         print(f"| {variant} | {100 * points[-1][1]:.1f} | {100 * best[1]:.1f} ({best[0]}) | "
-              f"{settled_step(points, args.tolerance / 100)} |")
+              f"{settled_step(points, args.tolerance / 100)} | {shorter} |")
     print(f"Wrote {folder / 'learning_curves.csv'} and {folder / 'learning_curves.png'}")
     return histories
 

@@ -86,17 +86,23 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "",
-                         ylabel: str = "macro-F1 (%)") -> Path:
-    """One line per run of a score against the optimiser step.
+                         ylabel: str = "macro-F1 (%)",
+                         complete_runs: dict[str, list[tuple[int, float]]] | None = None) -> Path:
+    """One line per run of a score against the optimiser step, and optionally, in the same colour, squares joined
+    by a dashed line for the final scores of complete runs of several budgets.
 
     Args:
         curves: `{label: [(step, score in 0..1), ...]}`, steps increasing; plotted in %.
+        complete_runs: `{label: [(budget, final score in 0..1), ...]}` for labels of `curves`.
     """
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.subplots()
     for label, points in curves.items():
         steps, values = zip(*points)
-        ax.plot(steps, 100 * np.asarray(values), label=label, marker=".")
+        line = ax.plot(steps, 100 * np.asarray(values), label=label, marker=".", alpha=0.6)[0]
+        if (complete_runs or {}).get(label):
+            budgets, finals = zip(*sorted(complete_runs[label]))
+            ax.plot(budgets, 100 * np.asarray(finals), color=line.get_color(), marker="s", linestyle="--")
     ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
