@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     curves = {v: [(h["step"], h["macro_f1"]) for h in history] for v, history in histories.items()}
     ends = {v: [(p["step"], p["macro_f1"]) for p in points] + curves[v][-1:] for v, points in finals.items()}
     title = f"{config.get('title', args.config.stem)}\nseed {args.seed}, cosine schedule over {args.max_steps} steps"
-    plot_learning_curves(curves, folder / "learning_curves.png", title, complete_runs=ends)
+    short = {v: v.replace(SAME, "(from the teacher)") for v in curves}  # legend labels that fit the figure
+    plot_learning_curves({short[v]: points for v, points in curves.items()}, folder / "learning_curves.png", title,
+                         complete_runs={short[v]: points for v, points in ends.items()})
     print(f"| variant | final macro-F1 | best (step) | within {args.tolerance:g} points of the final from step | "
           "complete runs (steps: macro-F1) |")
     print("| --- | --- | --- | --- | --- |")

@@ -199,7 +199,8 @@ def test_save_evaluation_writes_the_report_files(tmp_path):
 
 def test_drawing_the_figures_leaves_the_users_matplotlib_backend_and_figures_alone(tmp_path):
     """A notebook user picks a backend before importing moma_hf; importing the package and drawing every figure it
-    writes (confusion matrix, training curves, method comparison) must not switch it or leave figures open."""
+    writes (confusion matrix, training and learning curves, method comparison) must not switch it or leave figures
+    open."""
     code = f"""
 import matplotlib
 matplotlib.use("svg")
@@ -214,13 +215,15 @@ assert plots.plot_training_curves([{{"step": 1, "loss": 2.0, "loss_ce": 1.5, "lo
 rows = [{{"method": m, "seed": s, "accuracy": 0.5, "macro_f1": 0.4, "balanced_accuracy": 0.5}}
         for m in ("ce", "moma") for s in (0, 1)]
 compare.summarise(rows, ["ce", "moma"], __import__("pathlib").Path(out), "t")
+plots.plot_learning_curves({{"ce": [(50, 0.3), (100, 0.5)]}}, out + "/learning.png", "t\\nseed 0",
+                           complete_runs={{"ce": [(50, 0.4), (100, 0.5)]}})
 print(matplotlib.get_backend(), plt.get_fignums())
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "svg []"
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG")
-               for name in ("confusion_matrix.png", "curves.png", "results.png"))
+               for name in ("confusion_matrix.png", "curves.png", "results.png", "learning.png"))
 
 
 def test_training_curves_show_every_logged_loss_term(tmp_path):

@@ -8,6 +8,7 @@ user's backend and open figures as they were.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,8 @@ def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], path: str |
         if (complete_runs or {}).get(label):
             budgets, finals = zip(*sorted(complete_runs[label]))
             ax.plot(budgets, 100 * np.asarray(finals), color=line.get_color(), marker="s", linestyle="--")
-    ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
+    ax.set(xlabel="optimiser step", ylabel=ylabel)
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.split("\n")), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
