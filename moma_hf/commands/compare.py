@@ -238,11 +238,12 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     for students (under their own class names: `labeled_subset` relabels them)."""
     data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
+    fraction, grouping = config.get("test_fraction", 1.0), config.get("student_grouping")
     test_files, test_dir = list_images(data / "test"), data / "test"
-    if config.get("test_fraction", 1.0) < 1.0:  # one fixed stratified part of the test split, for every run
-        test_files, _ = stratified_split(test_files, config["test_fraction"], 0)
-    if config.get("test_fraction", 1.0) < 1.0 or config.get("student_grouping"):
-        test_dir = link_subset(test_files, out / "data" / "test_part", config.get("student_grouping"))
+    if fraction < 1.0:  # one fixed stratified part of the test split, for every run
+        test_files, _ = stratified_split(test_files, fraction, 0)
+    if fraction < 1.0 or grouping:
+        test_dir = link_subset(test_files, out / "data" / "test_part", grouping)
     teacher_part = link_subset(teacher_files, out / "data" / "teacher_part")
     return prepare_teacher(config["teacher"], teacher_part, out, test_files), test_dir, student_pool
 
