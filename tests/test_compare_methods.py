@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import timm_classifier
+from sklearn.metrics import f1_score
 
 from moma_hf.commands import compare
 
@@ -86,23 +88,49 @@ def test_each_row_is_paired_with_the_ce_of_its_own_starting_point(tmp_path):
     assert compare.paired_reference(compare.TEACHER_PROBE, labels) == "ce"
 
 
+def _scenario_over(test_split: Path, root: Path) -> dict:
+    """A scenario config whose test split is `test_split` (linked as `root/test`), seen at 112 px."""
+    root.mkdir(parents=True)
+    (root / "test").symlink_to(test_split)
+    return {"data_dir": str(root), "distill_args": {"image_size": 112}}
+
+
 def test_a_teacher_with_the_students_classes_is_scored_with_its_own_head_and_others_are_not(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "examples"
-    config = {"distill_args": {"image_size": 112}}
+    config = _scenario_over(demo / "demo_data" / "validation", tmp_path / "data")
     teacher, out = str(demo / "demo_teacher"), tmp_path / "teacher_eval"
-    own = compare.teacher_own_score(teacher, demo / "demo_data" / "validation", config, out)
+    own = compare.teacher_own_score(teacher, config, out)
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["image_size"] == 112 and saved["eval_samples"] == 38
-    assert own == {name: saved[f"eval_{name}"] for name in compare.METRICS}
-    fewer = compare.link_subset({"ADI": sorted((demo / "demo_data" / "validation" / "ADI").iterdir())},
-                                tmp_path / "one_class")
-    assert compare.teacher_own_score(teacher, fewer, config, tmp_path / "other") is None  # other classes: no row
+    assert own == pytest.approx({name: saved[f"eval_{name}"] for name in compare.METRICS})
+    one_class = compare.link_subset({"ADI": sorted((demo / "demo_data" / "validation" / "ADI").iterdir())},
+                                    tmp_path / "one_class")
+    fewer = _scenario_over(one_class, tmp_path / "fewer")
+    assert compare.teacher_own_score(teacher, fewer, tmp_path / "other") is None  # other classes: no row
     assert not (tmp_path / "other").exists()
     timm_teacher = tmp_path / "timm_teacher"  # its config.json keeps label_names, not id2label
     timm_classifier().save_pretrained(timm_teacher)
-    timm_own = compare.teacher_own_score(str(timm_teacher), demo / "demo_data" / "validation",
-                                         {"distill_args": {"image_size": 64}}, tmp_path / "timm_eval")
+    timm_own = compare.teacher_own_score(str(timm_teacher), {**config, "distill_args": {"image_size": 64}},
+                                         tmp_path / "timm_eval")
     assert set(timm_own) == set(compare.METRICS)
+
+
+def test_a_teacher_of_finer_classes_is_scored_in_the_students_groups(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    teacher, plain = str(demo / "demo_teacher"), _scenario_over(demo / "demo_data" / "validation", tmp_path / "data")
+    compare.teacher_own_score(teacher, plain, tmp_path / "fine")
+    fine = json.loads((tmp_path / "fine" / "confusion_matrix.json").read_text())
+    grouping = {"ADI": "STROMA_OR_FAT", "STR": "STROMA_OR_FAT", "MUS": "STROMA_OR_FAT", "NORM": "MUCOSA",
+                "TUM": "MUCOSA"}
+    grouped = compare.teacher_own_score(teacher, {**plain, "student_grouping": grouping}, tmp_path / "grouped")
+    # Independently: every (true, predicted) pair of the 9-class matrix, both mapped to their group.
+    fine_pairs = [(t, p) for i, t in enumerate(fine["labels"]) for j, p in enumerate(fine["labels"])
+                  for _ in range(fine["matrix"][i][j])]
+    pairs = [(grouping.get(t, t), grouping.get(p, p)) for t, p in fine_pairs]
+    assert len(pairs) == 38
+    assert grouped["accuracy"] == pytest.approx(np.mean([t == p for t, p in pairs]))
+    assert grouped["macro_f1"] == pytest.approx(f1_score(*zip(*pairs), average="macro"))
+    assert grouped["macro_f1"] != pytest.approx(f1_score(*zip(*fine_pairs), average="macro"))  # the merge counts
 
 
 def test_a_student_grouping_relabels_the_labeled_subsets_and_the_test_part(crc_polyp_dir, tmp_path):

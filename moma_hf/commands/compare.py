@@ -42,12 +42,13 @@ import yaml
 from transformers import AutoConfig
 
 from moma_hf.commands import distill, evaluate, probe, train_teacher
+from moma_hf.evaluation.metrics import classification_metrics
 from moma_hf.evaluation.plots import plot_method_comparison
 from moma_hf.training.run_folder import unfinished_run_flags
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 TEACHER_PROBE = "teacher (linear probe)"  # the results row of the teacher's probe, paired with ce like a method
-TEACHER_OWN = "teacher (own head)"  # the teacher's own classifier, when it has the student's labels
+TEACHER_OWN = "teacher (own head)"  # the teacher's own classifier, when its classes map onto the student's
 UNLABELED = " + unlabeled"  # the suffix of a row that also learned from the unlabeled pool
 STUDENT_FLAG = "--student_model_name_or_path"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -142,19 +143,34 @@ def probe_teacher(teacher: str, train_dir: Path, test_dir: Path, config: dict, o
     return {name: float(metrics[name]) for name in METRICS}
 
 
-def teacher_own_score(teacher: str, test_dir: Path, config: dict, out: Path) -> dict[str, float] | None:
+def teacher_own_score(teacher: str, config: dict, out: Path) -> dict[str, float] | None:
     """The teacher's own classifier scored on the test part at the students' image size (`moma-evaluate`, kept in
-    `out` and reused), or None when its classes are not exactly the student's."""
-    classes = AutoConfig.from_pretrained(teacher).id2label.values()  # a timm wrapper's config.json has label_names
-    if sorted(classes) != sorted(list_images(test_dir)):
+    `out` and reused), or None when its classes do not map onto the student's.
+
+    A teacher with the student's classes is scored as is. One that knows the finer classes of the test split, which
+    `student_grouping` merges for the student, is scored on the test part in its own classes and its confusion
+    matrix merged the same way: its predictions count as right when they fall in the true class's group.
+    """
+    teacher_classes = list(AutoConfig.from_pretrained(teacher).id2label.values())  # timm wrappers: label_names
+    files, student_grouping = test_part_files(config), config.get("student_grouping") or {}
+    student_classes = sorted({student_grouping.get(label, label) for label in files})
+    if sorted(teacher_classes) == student_classes:  # scored on the student's test part as it is
+        data_grouping, merge = student_grouping, {}
+    elif sorted(teacher_classes) == sorted(files):  # scored in its finer classes, then merged
+        data_grouping, merge = {}, student_grouping
+    else:
         return None
-    results = out / "eval_results.json"
-    if not results.exists():
+    if not (out / "confusion_matrix.json").exists():
         size = config.get("distill_args", {}).get("image_size")
-        evaluate.run([f"--model_name_or_path={teacher}", f"--data_dir={test_dir}", "--split=train",
+        data = link_subset(files, out / "test_part", data_grouping)
+        evaluate.run([f"--model_name_or_path={teacher}", f"--data_dir={data}", "--split=train",
                       f"--output_dir={out}"] + ([f"--image_size={size}"] if size else []))
-    metrics = json.loads(results.read_text())
-    return {name: float(metrics[f"eval_{name}"]) for name in METRICS}
+    saved = json.loads((out / "confusion_matrix.json").read_text())
+    group = np.array([student_classes.index(merge.get(label, label)) for label in saved["labels"]])
+    merged = np.zeros((len(student_classes), len(student_classes)), dtype=np.int64)
+    np.add.at(merged, (group[:, None], group[None, :]), np.asarray(saved["matrix"], dtype=np.int64))
+    metrics = classification_metrics(merged)
+    return {name: float(metrics[name]) for name in METRICS}
 
 
 def weak_teacher_warning(rows: list[dict]) -> str | None:
@@ -238,14 +254,18 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     for students (under their own class names: `labeled_subset` relabels them)."""
     data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
-    fraction, grouping = config.get("test_fraction", 1.0), config.get("student_grouping")
-    test_files, test_dir = list_images(data / "test"), data / "test"
-    if fraction < 1.0:  # one fixed stratified part of the test split, for every run
-        test_files, _ = stratified_split(test_files, fraction, 0)
-    if fraction < 1.0 or grouping:
+    test_files, test_dir, grouping = test_part_files(config), data / "test", config.get("student_grouping")
+    if config.get("test_fraction", 1.0) < 1.0 or grouping:
         test_dir = link_subset(test_files, out / "data" / "test_part", grouping)
     teacher_part = link_subset(teacher_files, out / "data" / "teacher_part")
     return prepare_teacher(config["teacher"], teacher_part, out, test_files), test_dir, student_pool
+
+
+def test_part_files(config: dict) -> dict[str, list[Path]]:
+    """`{class: images}` of the scenario's fixed test part, in the test split's own classes: `test_fraction` of each
+    class (drawn with seed 0, the same for every run), or the whole split."""
+    files, fraction = list_images(Path(config["data_dir"]).resolve() / "test"), config.get("test_fraction", 1.0)
+    return stratified_split(files, fraction, 0)[0] if fraction < 1.0 else files
 
 
 def labeled_subset(student_pool: dict[str, list[Path]], config: dict, seed: int, out: Path, tag: str = "") -> Path:
@@ -301,7 +321,7 @@ def run(argv: list[str] | None = None) -> str:
     config["label_budget"] = args.label_budget or config["label_budget"]
     fraction = args.labeled_fraction or config.get("labeled_fraction")
     title = config.get("title", args.config.stem) + (f", {config['label_budget']:.0%} labels" if tag else "")
-    rows, own = [], None if args.no_probe else teacher_own_score(teacher, test_dir, config, out / "teacher_eval")
+    rows, own = [], None if args.no_probe else teacher_own_score(teacher, config, out / "teacher_eval")
     for seed in seeds:
         train_dir = labeled_subset(student_pool, config, seed, out, tag)
         if own is not None:  # one score, repeated for each seed so that it pairs with ce like a method
