@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import NCT_CLASSES, id2label
+from conftest import NCT_CLASSES, id2label, timm_classifier
 from transformers import (
     AutoModel,
     AutoModelForImageClassification,
@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from moma_hf.networks.backbones import backbone_tensors, feature_dim, pooled_features
-from moma_hf.networks.students import build_student
+from moma_hf.networks.students import build_student, save_student
 from moma_hf.networks.teachers import load_teacher
 
 TINY_CONFIGS = {
@@ -61,3 +61,15 @@ def test_same_as_teacher_student_starts_from_the_teachers_backbone(tmp_path):
         assert torch.equal(s, t)
     with pytest.raises(ValueError, match="needs a teacher"):
         build_student("same-as-teacher", id2label())
+
+
+def test_a_same_as_teacher_student_of_a_timm_teacher_keeps_its_own_class_names(tmp_path):
+    # timm's config stores `label_names`, which would otherwise carry the teacher's 9 classes into a 3-class student.
+    timm_classifier().save_pretrained(tmp_path / "teacher")
+    labels = id2label(["AC", "ADENOMA", "H"])
+    student, _ = build_student("same-as-teacher", labels, teacher=load_teacher(str(tmp_path / "teacher")))
+    assert student.config.id2label == labels and student.config.num_labels == 3
+    save_student(student, str(tmp_path / "student"))
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "student")
+    assert reloaded.config.id2label == labels
+    assert reloaded(pixel_values=torch.zeros(1, 3, 64, 64)).logits.shape == (1, 3)

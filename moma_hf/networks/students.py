@@ -126,9 +126,10 @@ def _timm_from_scratch(architecture: str, labels: dict, image_size: int | None):
 @torch.no_grad()
 def _same_as_teacher(teacher: Teacher, labels: dict) -> PreTrainedModel:
     """The teacher's architecture with a fresh head for the target labels, backbone copied from the teacher."""
-    config = teacher.model.config.__class__.from_dict({**teacher.model.config.to_dict(), **labels})
-    if config.model_type == "timm_wrapper":
-        config.num_labels = labels["num_labels"]
+    # A timm config keeps its classes as `label_names` (and `num_classes`), which from_dict prefers to an `id2label`
+    # in the dict: drop them, and pass the student's labels as keyword arguments, which win over both.
+    source = {k: v for k, v in teacher.model.config.to_dict().items() if k not in ("label_names", "num_classes")}
+    config = teacher.model.config.__class__.from_dict(source, **labels)
     student = instantiate(AutoModelForImageClassification.from_config, config)  # a preset's classes too
     source, target = backbone_tensors(teacher.model), backbone_tensors(student)
     if [s.shape for s in source] != [t.shape for t in target]:
