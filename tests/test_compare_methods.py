@@ -1,6 +1,8 @@
 """The comparison harness: paired subsets, and the paired statistics against a hand computation."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,20 @@ def test_a_student_grouping_relabels_the_labeled_subsets_and_the_test_part(crc_p
     fine, _ = compare.stratified_split(pool, 0.01, 0)
     assert sorted(labeled) == ["AC", "ADENOMA", "H"]
     assert len(labeled["ADENOMA"]) == len(fine["S"]) + len(fine["T"]) + len(fine["V"])
+
+
+def test_the_confusion_benchmark_sums_each_methods_matrices_over_seeds(tmp_path):
+    def save(folder, matrix, labels=("A", "B")):
+        folder.mkdir(parents=True)
+        (folder / "confusion_matrix.json").write_text(json.dumps({"labels": list(labels), "matrix": matrix}))
+
+    save(tmp_path / "seed0" / "ce", [[3, 1], [0, 4]])
+    save(tmp_path / "seed1" / "ce", [[1, 3], [2, 2]])
+    save(tmp_path / "seed0" / "moma", [[4, 0], [1, 3]])  # only one seed: left out
+    save(tmp_path / "teacher_eval", [[9, 1], [5, 5]])
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_confusions.py"
+    table = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout
+    # ce over both seeds: A row 4 right, 4 wrong (50.0% A→B); B row 2 wrong of 8 (25.0% B→A).
+    assert "| ce | 50.0 | 25.0 |" in table and "| moma |" not in table
+    assert "Summed over 2 seeds" in table and "| 10.0 | 50.0 |" in table  # the teacher's own head
