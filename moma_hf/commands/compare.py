@@ -152,7 +152,7 @@ def teacher_own_score(teacher: str, config: dict, out: Path) -> dict[str, float]
     matrix merged the same way: its predictions count as right when they fall in the true class's group.
     """
     teacher_classes = list(AutoConfig.from_pretrained(teacher).id2label.values())  # timm wrappers: label_names
-    files, student_grouping = test_part_files(config), config.get("student_grouping") or {}
+    files, student_grouping = scenario_test_files(config), config.get("student_grouping") or {}
     student_classes = sorted({student_grouping.get(label, label) for label in files})
     if sorted(teacher_classes) == student_classes:  # scored on the student's test part as it is
         data_grouping, merge = student_grouping, {}
@@ -254,14 +254,14 @@ def prepare_scenario(config: dict, out: Path) -> tuple[str, Path, dict[str, list
     for students (under their own class names: `labeled_subset` relabels them)."""
     data = Path(config["data_dir"]).resolve()
     teacher_files, student_pool = stratified_split(list_images(data / "train"), config["teacher_fraction"], 0)
-    test_files, test_dir, grouping = test_part_files(config), data / "test", config.get("student_grouping")
+    test_files, test_dir, grouping = scenario_test_files(config), data / "test", config.get("student_grouping")
     if config.get("test_fraction", 1.0) < 1.0 or grouping:
         test_dir = link_subset(test_files, out / "data" / "test_part", grouping)
     teacher_part = link_subset(teacher_files, out / "data" / "teacher_part")
     return prepare_teacher(config["teacher"], teacher_part, out, test_files), test_dir, student_pool
 
 
-def test_part_files(config: dict) -> dict[str, list[Path]]:
+def scenario_test_files(config: dict) -> dict[str, list[Path]]:
     """`{class: images}` of the scenario's fixed test part, in the test split's own classes: `test_fraction` of each
     class (drawn with seed 0, the same for every run), or the whole split."""
     files, fraction = list_images(Path(config["data_dir"]).resolve() / "test"), config.get("test_fraction", 1.0)

@@ -128,8 +128,8 @@ def _same_as_teacher(teacher: Teacher, labels: dict) -> PreTrainedModel:
     """The teacher's architecture with a fresh head for the target labels, backbone copied from the teacher."""
     # A timm config keeps its classes as `label_names` (and `num_classes`), which from_dict prefers to an `id2label`
     # in the dict: drop them, and pass the student's labels as keyword arguments, which win over both.
-    source = {k: v for k, v in teacher.model.config.to_dict().items() if k not in ("label_names", "num_classes")}
-    config = teacher.model.config.__class__.from_dict(source, **labels)
+    settings = {k: v for k, v in teacher.model.config.to_dict().items() if k not in ("label_names", "num_classes")}
+    config = teacher.model.config.__class__.from_dict(settings, **labels)
     student = instantiate(AutoModelForImageClassification.from_config, config)  # a preset's classes too
     source, target = backbone_tensors(teacher.model), backbone_tensors(student)
     if [s.shape for s in source] != [t.shape for t in target]:
