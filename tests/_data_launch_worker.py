@@ -65,7 +65,10 @@ def main():
         "datasets": records,
     }
     Path(args.out, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+    # Leave the process group together (as _bad_image_launch_worker.py): a rank that exits while gloo's threads
+    # still run can abort with "terminate called without an active exception".
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
