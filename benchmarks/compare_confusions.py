@@ -36,8 +36,9 @@ def summed_confusions(run: Path) -> tuple[list[str], dict[str, np.ndarray], int]
             labels = saved["labels"]
             totals[variant] = totals.get(variant, 0) + np.asarray(saved["matrix"], dtype=np.int64)
     teacher = run / "teacher_eval" / "confusion_matrix.json"  # the teacher's own head, scored once
-    if teacher.exists() and json.loads(teacher.read_text())["labels"] == labels:
-        totals[TEACHER_ROW] = np.asarray(json.loads(teacher.read_text())["matrix"], dtype=np.int64)
+    saved = json.loads(teacher.read_text()) if teacher.exists() else {}
+    if saved.get("labels") == labels:
+        totals[TEACHER_ROW] = np.asarray(saved["matrix"], dtype=np.int64)
     return labels or [], totals, len(seeds)
 
 

@@ -65,8 +65,7 @@ def main():
         "datasets": records,
     }
     Path(args.out, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
-    # Leave the process group together (as _bad_image_launch_worker.py): a rank that exits while gloo's threads
-    # still run can abort with "terminate called without an active exception".
+    # Leave the process group together: see the end of _bad_image_launch_worker.py.
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -219,8 +219,7 @@ def main():
         "log_history": [h for h in trainer.state.log_history if "loss" in h],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
-    # Leave the process group together (as _bad_image_launch_worker.py): a rank that exits while gloo's threads
-    # still run can abort with "terminate called without an active exception".
+    # Leave the process group together: see the end of _bad_image_launch_worker.py.
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 

@@ -46,8 +46,7 @@ def main():
         features, logits = distributed.shuffled_forward(lambda x: pooled_features(teacher, x), pixels)
     save_file({"inputs": pixels, "features": features, "logits": logits, "permutation": drawn[0],
                "world": torch.tensor(dist.get_world_size())}, str(Path(args.out) / f"rank{rank}.safetensors"))
-    # Leave the process group together (as _bad_image_launch_worker.py): a rank that exits while gloo's threads
-    # still run can abort with "terminate called without an active exception".
+    # Leave the process group together: see the end of _bad_image_launch_worker.py.
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
