@@ -68,6 +68,14 @@ class TeacherUpdate(_StrEnum):
     FROZEN = "frozen"
 
 
+class FrozenKeyHead(_StrEnum):
+    """`g_T` of a frozen teacher: a fixed PCA map fitted to the first batch ("pca"), or a projection head trained
+    with the student through the contrastive term ("learned", as CRD trains its teacher-side embedding)."""
+
+    PCA = "pca"
+    LEARNED = "learned"
+
+
 METHODS = tuple(Method)
 MOMA_METHODS = tuple(m for m in Method if m.is_moma)
 BASELINE_METHODS = tuple(m for m in Method if not m.is_moma)
@@ -114,6 +122,10 @@ class DistillationSettings:
         default=TeacherUpdate.AUTO, metadata={"help": f"One of {', '.join(TeacherUpdate)}: the key pathway is an EMA "
                                               "of the student, never changes, or momentum when they are twins."}
     )
+    frozen_key_head: str = field(
+        default=FrozenKeyHead.PCA, metadata={"help": "Frozen teachers only: g_T is a fixed PCA map of the teacher's "
+                                             "features (pca) or a head trained by the contrastive term (learned)."}
+    )
     projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
     num_attention_heads: int = field(
         default=4, metadata={"aliases": ["--attention_heads"], "help": "Heads of the batch-axis attention A_q/A_k; "
@@ -154,6 +166,7 @@ class DistillationSettings:
             parent()
         self.method = parse_mode(Method, "method", self.method)
         self.teacher_update = parse_mode(TeacherUpdate, "teacher_update", self.teacher_update)
+        self.frozen_key_head = parse_mode(FrozenKeyHead, "frozen_key_head", self.frozen_key_head)
         self.teacher_dtype = parse_teacher_dtype(self.teacher_dtype)
         heads = self.num_attention_heads
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:

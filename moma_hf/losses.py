@@ -20,7 +20,7 @@ def info_nce(
 
     Args:
         query: `(B, D)` unit rows, with gradient.
-        key: `(B, D)` unit rows, without gradient.
+        key: `(B, D)` unit rows; without gradient, except through a learned frozen-teacher `g_T`.
         queue: `(K, D)` past keys.
         temperature: T.
         queue_mask: `(K,)` bool, False for queue slots that hold no key yet (excluded from the softmax).

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_distillation import MoMAConfig, TeacherUpdate
+from .configuration_distillation import FrozenKeyHead, MoMAConfig, TeacherUpdate
 from .losses import info_nce, kd_loss, labeled_cross_entropy
 from .modeling_distillation import DistillationPreTrainedModel
 from .modules.distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
@@ -56,7 +56,8 @@ class MoMAForDistillation(DistillationPreTrainedModel):
     The query pathway is the student, `g_S` (`query_head`) and `A_q` (`query_attention`); the key pathway is the
     teacher, `g_T` (`key_head`) and `A_k` (`key_attention`). `A_k` is always the EMA of `A_q`; in "momentum"
     mode the teacher backbone and `g_T` are EMAs of the student backbone and `g_S` as well, while in "frozen" mode
-    they never change (`g_T` is then a `FixedProjection` fitted to the first micro-batch, gathered from every process).
+    the teacher never changes and `g_T` is, by `frozen_key_head`, a `FixedProjection` fitted to the first
+    micro-batch (gathered from every process) or a `ProjectionHead` trained with the student by the contrastive term.
     """
 
     config_class = MoMAConfig
@@ -72,6 +73,13 @@ class MoMAForDistillation(DistillationPreTrainedModel):
                 "shuffle_bn applies to momentum teachers only: a frozen teacher keeps its BatchNorm running "
                 "statistics, so no batch statistics can leak. Drop --shuffle_bn or use a momentum teacher."
             )
+        self.learns_key_head = (self.teacher_update is TeacherUpdate.FROZEN
+                                and config.frozen_key_head is FrozenKeyHead.LEARNED)
+        if config.frozen_key_head is FrozenKeyHead.LEARNED and not self.learns_key_head:
+            raise ValueError(
+                "frozen_key_head='learned' applies to frozen teachers only: a momentum teacher's g_T is the EMA of "
+                "the student's g_S. Drop --frozen_key_head or use --teacher_update frozen."
+            )
         dim, student_dim, teacher_dim = config.projection_dim, feature_dim(self.student), feature_dim(self.teacher)
         self.query_head = ProjectionHead(student_dim, dim)
         if self.teacher_update is TeacherUpdate.MOMENTUM:
@@ -83,6 +91,8 @@ class MoMAForDistillation(DistillationPreTrainedModel):
                 )
             self.key_head = ProjectionHead(teacher_dim, dim)
             self.key_head.load_state_dict(self.query_head.state_dict())
+        elif self.learns_key_head:
+            self.key_head = ProjectionHead(teacher_dim, dim)
         else:
             self.key_head = FixedProjection(teacher_dim, dim)
         attention = nn.Identity
@@ -90,7 +100,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             attention = lambda: BatchAttention(dim, config.num_attention_heads, config.attention_residual)  # noqa: E731
         self.query_attention, self.key_attention = attention(), attention()
         self.key_attention.load_state_dict(self.query_attention.state_dict())
-        self.key_head.requires_grad_(False)
+        self.key_head.requires_grad_(self.learns_key_head)
         self.key_attention.requires_grad_(False)
         self.key_queue = KeyQueue(config.queue_size, dim)
         self.post_init()
@@ -137,23 +147,26 @@ class MoMAForDistillation(DistillationPreTrainedModel):
         return MoMAOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_kd=loss_kd, loss_moma=loss_moma,
                           contrastive_keys=keys.detach())
 
-    @torch.no_grad()
     def _keys(self, pixel_values, teacher_pixel_values, teacher_features, teacher_logits):
         """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher);
-        the arguments are `forward`'s."""
-        if self._shuffle_bn():
-            with batch_statistics(self.teacher):
-                features, teacher_logits = shuffled_forward(
-                    lambda x: pooled_features(self.teacher, x),
-                    pixel_values if teacher_pixel_values is None else teacher_pixel_values,
-                )
-        else:
-            features, teacher_logits = self.teacher_outputs(pixel_values, teacher_pixel_values, teacher_features,
-                                                            teacher_logits)
-        if isinstance(self.key_head, FixedProjection) and not self.key_head.fitted:
-            self.key_head.fit(gather_across_processes(features), seed=self.config.queue_size)
-        keys = self.key_attention(self.key_head(features).to(features.dtype))
+        the arguments are `forward`'s. Only a learned `g_T` takes a gradient, through `k`."""
+        track_key_head = self.learns_key_head and torch.is_grad_enabled()
+        with torch.no_grad():
+            features, teacher_logits = self._teacher_features(pixel_values, teacher_pixel_values, teacher_features,
+                                                              teacher_logits)
+            if isinstance(self.key_head, FixedProjection) and not self.key_head.fitted:
+                self.key_head.fit(gather_across_processes(features), seed=self.config.queue_size)
+        with torch.set_grad_enabled(track_key_head):
+            keys = self.key_attention(self.key_head(features.float()).to(features.dtype))
         return F.normalize(keys.float(), dim=-1), teacher_logits
+
+    def _teacher_features(self, pixel_values, teacher_pixel_values, teacher_features, teacher_logits):
+        """The teacher's pooled features `(B, d_t)` and logits, with Shuffle-BN when it is on."""
+        if not self._shuffle_bn():
+            return self.teacher_outputs(pixel_values, teacher_pixel_values, teacher_features, teacher_logits)
+        with batch_statistics(self.teacher):
+            return shuffled_forward(lambda x: pooled_features(self.teacher, x),
+                                    pixel_values if teacher_pixel_values is None else teacher_pixel_values)
 
     def _shuffle_bn(self) -> bool:
         """Whether this training step runs the teacher with Shuffle-BN (needs several processes)."""

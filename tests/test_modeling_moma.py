@@ -9,6 +9,7 @@ from conftest import timm_classifier, tiny_vit
 
 from moma_hf import MoMAForDistillation
 from moma_hf.losses import info_nce, kd_loss
+from moma_hf.modules.heads import ProjectionHead
 from moma_hf.modules.key_queue import KeyQueue
 from moma_hf.networks.backbones import pooled_features
 
@@ -155,3 +156,40 @@ def test_save_and_load_restore_queue_pointer_and_key_pathway_exactly(small_moma,
     for name, tensor in original.items():
         assert torch.equal(tensor, restored[name]), name
 
+
+
+def test_a_learned_frozen_key_head_takes_the_contrastive_gradient_and_reloads(small_moma, nct_tensors, tmp_path):
+    model = small_moma(frozen_key_head="learned").train()
+    assert isinstance(model.key_head, ProjectionHead) and model.learns_key_head
+    assert not {id(p) for p in model.key_head.parameters()} & {id(t) for t in model.ema_pairs()[0]}
+    pixels, labels = nct_tensors
+    model.enqueue(model(pixel_values=pixels[:8], labels=labels[:8]).contrastive_keys)
+    out = model(pixel_values=pixels[8:24], labels=labels[8:24])
+    assert not out.contrastive_keys.requires_grad and not model.key_queue.queue.requires_grad
+    # the keys, computed independently: A_k (the residual attention) on the normalised head of the teacher's features
+    with torch.no_grad():
+        features, _ = pooled_features(model.teacher, pixels[8:24])
+        head = F.normalize(model.key_head.net(features), dim=-1)
+        attended = model.key_attention.attention(head[None], head[None], head[None])[0][0]
+    torch.testing.assert_close(out.contrastive_keys, F.normalize(head + attended, dim=-1))
+    out.loss_moma.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.key_head.parameters())
+    assert all(p.grad is None for m in (model.teacher, model.key_attention) for p in m.parameters())
+    # and an optimizer over the trainable parameters moves g_T, never the teacher
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    head_before = [p.clone() for p in model.key_head.parameters()]
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(head_before, model.key_head.parameters()))
+    model.save_pretrained(tmp_path)
+    loaded = MoMAForDistillation.from_pretrained(tmp_path)
+    assert loaded.config.frozen_key_head == "learned" and isinstance(loaded.key_head, ProjectionHead)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_a_learned_key_head_is_refused_for_a_momentum_teacher_and_bad_values_are_named(small_moma):
+    with pytest.raises(ValueError, match="frozen teachers only"):
+        small_moma(timm_classifier(), timm_classifier(), frozen_key_head="learned")
+    with pytest.raises(ValueError, match="--frozen_key_head"):
+        small_moma(frozen_key_head="trained")
