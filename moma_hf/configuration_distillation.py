@@ -70,7 +70,7 @@ class TeacherUpdate(_StrEnum):
 
 class FrozenKeyHead(_StrEnum):
     """`g_T` of a frozen teacher: a fixed PCA map fitted to the first batch ("pca"), or a projection head trained
-    with the student through the contrastive term ("learned", as CRD trains its teacher-side embedding)."""
+    beside the student to match each key to its own sample's query ("learned", an ablation of issue 18)."""
 
     PCA = "pca"
     LEARNED = "learned"
@@ -124,7 +124,7 @@ class DistillationSettings:
     )
     frozen_key_head: str = field(
         default=FrozenKeyHead.PCA, metadata={"help": "Frozen teachers only: g_T is a fixed PCA map of the teacher's "
-                                             "features (pca) or a head trained by the contrastive term (learned)."}
+                                             "features (pca) or a head trained to match each key to its query (learned)."}
     )
     projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
     num_attention_heads: int = field(

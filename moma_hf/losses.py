@@ -20,7 +20,7 @@ def info_nce(
 
     Args:
         query: `(B, D)` unit rows, with gradient.
-        key: `(B, D)` unit rows; without gradient, except through a learned frozen-teacher `g_T`.
+        key: `(B, D)` unit rows, without gradient.
         queue: `(K, D)` past keys.
         temperature: T.
         queue_mask: `(K,)` bool, False for queue slots that hold no key yet (excluded from the softmax).
@@ -36,6 +36,23 @@ def info_nce(
     logits = torch.cat([positive, negatives], dim=1)
     targets = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits.float(), targets)
+
+
+def batch_matching_loss(anchors: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch InfoNCE: each anchor must pick its own sample's target out of the batch's targets.
+
+    `CE(anchors @ targets.T / T, arange(B))`, averaged over the batch. It trains a learned frozen-teacher `g_T`
+    (anchors: the keys; targets: the detached queries). Pulled toward its queries alone, through `info_nce`'s
+    positive, `g_T` maps every patch to one point and the contrastive term sits at chance, `log(K + 1)`
+    (measured in benchmarks/RESULTS.md, issue 18); here a key that matches every query is penalised.
+
+    Args:
+        anchors: `(B, D)` unit rows, with gradient.
+        targets: `(B, D)` unit rows, without gradient.
+        temperature: T.
+    """
+    logits = (anchors.float() @ targets.float().T) / temperature
+    return F.cross_entropy(logits, torch.arange(len(anchors), device=anchors.device))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

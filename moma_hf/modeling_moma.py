@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_distillation import FrozenKeyHead, MoMAConfig, TeacherUpdate
-from .losses import info_nce, kd_loss, labeled_cross_entropy
+from .losses import batch_matching_loss, info_nce, kd_loss, labeled_cross_entropy
 from .modeling_distillation import DistillationPreTrainedModel
 from .modules.distributed import batch_statistics, gather_across_processes, shuffled_forward, world_size
 from .modules.heads import BatchAttention, FixedProjection, ProjectionHead
@@ -32,6 +32,7 @@ class MoMAOutput(ModelOutput):
         loss: the weighted total, `()`.
         logits: the student's logits, `(B, C)`.
         loss_ce, loss_kd, loss_moma: the unweighted terms, `()` each (0 when a term is off).
+        loss_key_head: with a learned frozen-teacher `g_T` only, the term that trains it, `()`.
         contrastive_keys: `(B, D)` keys of this batch, detached (not named `keys`, which would hide
             `dict.keys`); the trainer gathers them across processes and enqueues them after the optimiser step.
             None in eval mode.
@@ -42,6 +43,7 @@ class MoMAOutput(ModelOutput):
     loss_ce: torch.Tensor | None = None
     loss_kd: torch.Tensor | None = None
     loss_moma: torch.Tensor | None = None
+    loss_key_head: torch.Tensor | None = None
     contrastive_keys: torch.Tensor | None = None
 
 
@@ -57,7 +59,8 @@ class MoMAForDistillation(DistillationPreTrainedModel):
     teacher, `g_T` (`key_head`) and `A_k` (`key_attention`). `A_k` is always the EMA of `A_q`; in "momentum"
     mode the teacher backbone and `g_T` are EMAs of the student backbone and `g_S` as well, while in "frozen" mode
     the teacher never changes and `g_T` is, by `frozen_key_head`, a `FixedProjection` fitted to the first
-    micro-batch (gathered from every process) or a `ProjectionHead` trained with the student by the contrastive term.
+    micro-batch (gathered from every process) or a `ProjectionHead` trained by its own term, `loss_key_head`
+    (`batch_matching_loss`: each key must pick its own sample's detached query out of the batch).
     """
 
     config_class = MoMAConfig
@@ -93,6 +96,7 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             self.key_head.load_state_dict(self.query_head.state_dict())
         elif self.learns_key_head:
             self.key_head = ProjectionHead(teacher_dim, dim)
+            self.loss_terms = (*self.loss_terms, "loss_key_head")
         else:
             self.key_head = FixedProjection(teacher_dim, dim)
         attention = nn.Identity
@@ -138,14 +142,18 @@ class MoMAForDistillation(DistillationPreTrainedModel):
             # Only loss and logits, so the Trainer's prediction step hands compute_metrics the bare logits.
             return MoMAOutput(loss=self.config.w_ce * loss_ce, logits=logits)
         query = self.query_attention(self.query_head(features))
-        loss_moma = info_nce(query, keys, self.key_queue.queue, self.config.contrastive_temperature,
-                             self.key_queue.valid_mask())
+        temperature = self.config.contrastive_temperature
+        loss_moma = info_nce(query, keys.detach(), self.key_queue.queue, temperature, self.key_queue.valid_mask())
         loss_kd = zero
         if self.config.w_kd > 0:
             loss_kd = kd_loss(logits, teacher_logits, self.config.kd_temperature)
         loss = self.config.w_ce * loss_ce + self.config.w_kd * loss_kd + self.config.w_moma * loss_moma
+        loss_key_head = None
+        if self.learns_key_head:
+            loss_key_head = batch_matching_loss(keys, query.detach(), temperature)
+            loss = loss + self.config.w_moma * loss_key_head
         return MoMAOutput(loss=loss, logits=logits, loss_ce=loss_ce, loss_kd=loss_kd, loss_moma=loss_moma,
-                          contrastive_keys=keys.detach())
+                          loss_key_head=loss_key_head, contrastive_keys=keys.detach())
 
     def _keys(self, pixel_values, teacher_pixel_values, teacher_features, teacher_logits):
         """`k = A_k(g_T(h_t))`, `(B, D)`, and the teacher's logits `(B, C_t)` (None for a backbone teacher);

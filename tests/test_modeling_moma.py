@@ -158,9 +158,10 @@ def test_save_and_load_restore_queue_pointer_and_key_pathway_exactly(small_moma,
 
 
 
-def test_a_learned_frozen_key_head_takes_the_contrastive_gradient_and_reloads(small_moma, nct_tensors, tmp_path):
+def test_a_learned_frozen_key_head_is_trained_by_its_own_term_and_reloads(small_moma, nct_tensors, tmp_path):
     model = small_moma(frozen_key_head="learned").train()
     assert isinstance(model.key_head, ProjectionHead) and model.learns_key_head
+    assert "loss_key_head" in model.loss_terms and "loss_key_head" not in small_moma().loss_terms
     assert not {id(p) for p in model.key_head.parameters()} & {id(t) for t in model.ema_pairs()[0]}
     pixels, labels = nct_tensors
     model.enqueue(model(pixel_values=pixels[:8], labels=labels[:8]).contrastive_keys)
@@ -171,8 +172,20 @@ def test_a_learned_frozen_key_head_takes_the_contrastive_gradient_and_reloads(sm
         features, _ = pooled_features(model.teacher, pixels[8:24])
         head = F.normalize(model.key_head.net(features), dim=-1)
         attended = model.key_attention.attention(head[None], head[None], head[None])[0][0]
-    torch.testing.assert_close(out.contrastive_keys, F.normalize(head + attended, dim=-1))
-    out.loss_moma.backward()
+        keys = F.normalize(head + attended, dim=-1)
+        student_features, _ = pooled_features(model.student, pixels[8:24])
+        queries = model.query_attention(model.query_head(student_features))
+    torch.testing.assert_close(out.contrastive_keys, keys)
+    # loss_key_head by hand: -log softmax of each key's similarity to its own query among the batch's queries
+    expected = sum(-math.log(math.exp(float(keys[i] @ queries[i]) / 0.15)
+                             / sum(math.exp(float(keys[i] @ queries[j]) / 0.15) for j in range(16)))
+                   for i in range(16)) / 16
+    assert out.loss_key_head.item() == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(out.loss, out.loss_ce + out.loss_kd + out.loss_moma + out.loss_key_head)
+    # g_T learns from its own term only: the student's InfoNCE term sends it nothing
+    out.loss_moma.backward(retain_graph=True)
+    assert all(p.grad is None for p in model.key_head.parameters())
+    out.loss_key_head.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.key_head.parameters())
     assert all(p.grad is None for m in (model.teacher, model.key_attention) for p in m.parameters())
     # and an optimizer over the trainable parameters moves g_T, never the teacher

@@ -2,6 +2,7 @@
 it uses the Trainer's public hooks, and its few overrides keep the parent's signatures."""
 
 import inspect
+import math
 import json
 
 import pytest
@@ -214,3 +215,19 @@ def test_persistent_workers_are_refused_for_map_style_data(small_moma, nct_mini_
     # A stream is one endless epoch whose examples carry their own epoch, so workers may persist.
     make_trainer(small_moma, nct_mini_dir, tmp_path, streaming=True, dataloader_num_workers=1,
                  dataloader_persistent_workers=True)
+
+
+def test_a_learned_key_head_trains_in_the_trainer_logs_its_term_and_stays_off_chance(small_moma, nct_mini_dir,
+                                                                                    tmp_path):
+    trainer = make_trainer(small_moma, nct_mini_dir, tmp_path, frozen_key_head="learned", save_strategy="no")
+    moma = trainer.distillation_model
+    head_before = [p.detach().clone() for p in moma.key_head.parameters()]
+    teacher_before = [p.detach().clone() for p in moma.teacher.parameters()]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("loss_key_head" in h for h in logs)
+    # A collapsed g_T (one key for every patch) puts its term at log(B) and the student's at log(K + 1).
+    assert sum(h["loss_key_head"] for h in logs[-5:]) / 5 < 0.9 * math.log(16)
+    assert sum(h["loss_moma"] for h in logs[-5:]) / 5 < 0.9 * math.log(32 + 1)
+    assert not any(torch.equal(a, b) for a, b in zip(head_before, moma.key_head.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, moma.teacher.parameters()))
