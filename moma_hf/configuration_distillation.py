@@ -124,7 +124,7 @@ class DistillationSettings:
     )
     frozen_key_head: str = field(
         default=FrozenKeyHead.PCA, metadata={"help": "Frozen teachers only: g_T is a fixed PCA map of the teacher's "
-                                             "features (pca) or a head trained to match each key to its query (learned)."}
+                                             "features (pca) or a head trained to match keys to queries (learned)."}
     )
     projection_dim: int = field(default=512, metadata={"help": "D, the contrastive embedding size."})
     num_attention_heads: int = field(

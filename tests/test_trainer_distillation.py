@@ -2,8 +2,8 @@
 it uses the Trainer's public hooks, and its few overrides keep the parent's signatures."""
 
 import inspect
-import math
 import json
+import math
 
 import pytest
 import torch
