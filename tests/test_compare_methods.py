@@ -39,6 +39,20 @@ def test_the_table_reports_means_and_the_paired_difference_to_ce_with_a_t_interv
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_any_two_rows_of_two_results_files_are_paired_over_their_common_seeds(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_difference.py"
+    header = "method,seed,accuracy,macro_f1,balanced_accuracy\n"
+    for name, method, values in (("a", "moma", [0.56, 0.63, 0.62, 0.9]), ("b", "rkd", [0.50, 0.60, 0.55])):
+        (tmp_path / f"{name}.csv").write_text(header + "".join(f"{method},{s},0,{v},0\n" for s, v in enumerate(values)))
+    run = subprocess.run([sys.executable, str(script), "--row", str(tmp_path / "a.csv"), "moma",
+                          "--row", str(tmp_path / "b.csv"), "rkd"], capture_output=True, text=True, check=True)
+    # Seed 3 is in one file only. Differences 6, 3, 7 points, as in the table test above: +5.3 [+0.2, +10.5].
+    assert run.stdout.strip() == "moma - rkd (macro_f1, seeds 0, 1, 2): +5.3 [+0.2, +10.5]"
+    missing = subprocess.run([sys.executable, str(script), "--row", str(tmp_path / "a.csv"), "kd",
+                              "--row", str(tmp_path / "b.csv"), "rkd"], capture_output=True, text=True)
+    assert missing.returncode != 0 and f"No row 'kd' in {tmp_path / 'a.csv'}." in missing.stderr
+
+
 def _rows(method_values: dict[str, list[float]]) -> list[dict]:
     return [{"method": m, "seed": s, "accuracy": v, "macro_f1": v, "balanced_accuracy": v}
             for m, values in method_values.items() for s, v in enumerate(values)]

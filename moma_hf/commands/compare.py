@@ -217,6 +217,12 @@ def t_quantile(dof: int) -> float:
     return float(t.ppf(0.975, dof))
 
 
+def paired_interval(diff: np.ndarray) -> str:
+    """`diff` (one paired difference per seed, in points) as "mean [low, high]", its two-sided 95% t interval."""
+    half = t_quantile(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
+
+
 def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffix: str = "",
               note: str | None = None) -> str:
     """Write `results{suffix}.md` (mean +- std per method, the paired difference to the `ce` of the same starting
@@ -237,9 +243,8 @@ def summarise(rows: list[dict], methods: list[str], out: Path, title: str, suffi
         if reference is None:
             paired = "—"
         else:
-            diff = np.array([by[method][s]["macro_f1"] - by[reference][s]["macro_f1"] for s in seeds]) * 100
-            half = t_quantile(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-            paired = f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}]"
+            paired = paired_interval(np.array([by[method][s]["macro_f1"] - by[reference][s]["macro_f1"]
+                                               for s in seeds]) * 100)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {paired} |")
     table = "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
     (out / f"results{suffix}.md").write_text(table)
